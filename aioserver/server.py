@@ -1,0 +1,608 @@
+"""The server: listen, serve each client in its own task, enforce limits, stop.
+
+Every connection is opened by `asyncio.start_server`, whose callback puts a
+`_Connection` between the transport and the protocol and returns the coroutine
+that owns the connection until it ends. Tracking, limits, counting, logging and
+closing live here, once, for every handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import ssl as ssl_module
+import stat
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .protocols import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Handler,
+    MessageTooLong,
+    ReplyRule,
+    busy_reply,
+    rule_for,
+)
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_HOST",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_PORT",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "Server",
+    "Stats",
+    "format_address",
+    "serve",
+]
+
+logger = logging.getLogger("aioserver")
+access_logger = logging.getLogger("aioserver.access")
+
+# Loopback: a service is never exposed to the network unless asked to be.
+DEFAULT_HOST = "127.0.0.1"
+# The fixed port of the C++ design this project grows from.
+DEFAULT_PORT = 1234
+# As uvicorn: enough for a burst of thousands of connects; the kernel caps it at
+# net.core.somaxconn anyway.
+DEFAULT_BACKLOG = 2048
+# About 10 KiB of kernel and server memory each at worst, so 100 MiB in all, and
+# well above what one process on one core serves with low latency.
+DEFAULT_MAX_CONNECTIONS = 10_000
+# Five minutes: far longer than any pause of a live client, short enough that
+# abandoned connections do not pile up.
+DEFAULT_IDLE_TIMEOUT = 300.0
+# Time for busy clients to get the replies already owed to them at a stop; well
+# inside the 90 s a service manager such as systemd waits before killing.
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+# One warning a second at most while clients are being turned away.
+REJECT_WARNING_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters of a server since it started."""
+
+    active: int
+    """Connections open now."""
+    total: int
+    """Connections accepted (not counting the ones turned away)."""
+    rejected: int
+    """Connections turned away because `max_connections` were open."""
+    bytes_in: int
+    bytes_out: int
+
+
+def format_address(sockname: Any) -> str:
+    """A bound address as people write it: 127.0.0.1:80, [::1]:80 or unix:/path."""
+    if isinstance(sockname, str | bytes):
+        path = os.fsdecode(sockname)
+        return f"unix:{path}"
+    host, port = sockname[0], sockname[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+class _Connection(asyncio.Protocol):
+    """Sits between one transport and the protocol that serves it.
+
+    With a reply rule (the built-in protocols) it answers straight from
+    `data_received`; otherwise it forwards every event to the stream protocol
+    made by `start_server` for the user's handler. Either way it counts bytes,
+    keeps reading no faster than the client takes replies, and watches idleness.
+    """
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "closed",
+        "idle_handle",
+        "inner",
+        "last_active",
+        "loop",
+        "lost",
+        "peer",
+        "reason",
+        "rule",
+        "server",
+        "started",
+        "task",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        server: Server,
+        transport: asyncio.Transport,
+        inner: asyncio.Protocol,
+        rule: ReplyRule | None,
+    ) -> None:
+        self.server = server
+        self.loop = server._loop
+        self.transport = transport
+        self.inner = inner
+        self.rule = rule
+        self.peer = transport.get_extra_info("peername")
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = self.last_active = self.loop.time()
+        self.reason = ""
+        self.lost = False
+        self.task: asyncio.Task[None] | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.idle_handle: asyncio.TimerHandle | None = None
+        if server.idle_timeout is not None:
+            self.idle_handle = self.loop.call_at(
+                self.started + server.idle_timeout, self._check_idle
+            )
+
+    # Events from the transport.
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_active = self.loop.time()
+        rule = self.rule
+        if rule is None:
+            self.inner.data_received(data)
+            return
+        try:
+            reply = rule.feed(data)
+        except MessageTooLong as error:
+            self.end(error.reply, f"message longer than {error.limit} bytes")
+            return
+        if reply:
+            self.bytes_out += len(reply)
+            self.transport.write(reply)
+
+    def eof_received(self) -> bool | None:
+        if self.rule is None:
+            return self.inner.eof_received()
+        self.end(self.rule.finish(), "closed by client")
+        return None
+
+    def pause_writing(self) -> None:
+        if self.rule is None:
+            self.inner.pause_writing()
+        elif not self.transport.is_closing():
+            # The client is not taking replies: stop taking its requests.
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.last_active = self.loop.time()
+        if self.rule is None:
+            self.inner.resume_writing()
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is not None and not self.reason:
+            self.reason = _describe(exc)
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        if self.rule is None:
+            self.inner.connection_lost(exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # Ending.
+
+    def end(self, last: bytes, reason: str) -> None:
+        """Send `last`, then close once everything written is flushed."""
+        if last:
+            self.bytes_out += len(last)
+            self.transport.write(last)
+        self.reason = self.reason or reason
+        self.transport.close()
+
+    def cancel(self, reason: str) -> None:
+        """End the connection through its task, as a stop or a timeout does."""
+        self.reason = self.reason or reason
+        if self.task is not None:
+            self.task.cancel()
+        elif not self.transport.is_closing():
+            self.transport.close()
+
+    def _check_idle(self) -> None:
+        assert self.server.idle_timeout is not None
+        due = self.last_active + self.server.idle_timeout
+        if self.loop.time() >= due:
+            self.idle_handle = None
+            self.cancel(f"idle for {self.server.idle_timeout:g} s")
+        else:
+            self.idle_handle = self.loop.call_at(due, self._check_idle)
+
+
+class _CountingWriter(asyncio.StreamWriter):
+    """The writer a user's handler gets: a StreamWriter that counts what it sends."""
+
+    def __init__(
+        self,
+        connection: _Connection,
+        reader: asyncio.StreamReader,
+        protocol: asyncio.BaseProtocol,
+    ) -> None:
+        super().__init__(connection.transport, protocol, reader, connection.loop)
+        self._connection = connection
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        connection = self._connection
+        connection.bytes_out += len(data)
+        connection.last_active = connection.loop.time()
+        super().write(data)
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line on why a connection was lost, without a traceback."""
+    if isinstance(exc, ConnectionResetError):
+        return "reset by client"
+    if isinstance(exc, BrokenPipeError):
+        return "client went away"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "closed by client mid-message"
+    if isinstance(exc, ssl_module.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Server:
+    """A TCP (or Unix socket) server that serves each client with one task.
+
+    `handler` is a coroutine function with the `asyncio.start_server` signature
+    `async (reader, writer) -> None`, such as `aioserver.echo` or
+    `aioserver.thanks`. All options are keyword-only:
+
+    - host: one address or several (IPv6 included); default 127.0.0.1.
+    - port: default 1234; 0 lets the kernel pick, and `.port` tells which.
+    - unix: a Unix socket path to listen on instead of host and port. A stale
+      socket file left by a dead server is replaced; any other file is an error.
+    - backlog, reuse_port, ssl: passed to `asyncio.start_server`.
+    - max_connections: a client over this is closed at once (the thanks
+      protocol first tells it "Error: server busy"); the others carry on.
+    - idle_timeout: seconds a client may neither send nor take replies before
+      it is closed; None for never.
+    - max_message_size: the longest line the thanks protocol accepts, and the
+      stream reader limit a user's handler gets.
+    - shutdown_timeout: at a stop, how long a client is given to take the
+      replies already owed to it before its connection is aborted.
+
+    Stopping is cancellation: cancelling `serve_forever()`, leaving `serve()`
+    and calling `stop()` all close the listening sockets, cancel every
+    connection task at once, flush what was written (bounded by
+    shutdown_timeout) and close every connection.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str | Sequence[str] | None = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        unix: str | os.PathLike[str] | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+        reuse_port: bool = False,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise TypeError(f"handler must be a coroutine function, not {handler!r}")
+        _check_range("port", port, 0, 65535)
+        _check_range("backlog", backlog, 1)
+        _check_range("max_connections", max_connections, 1)
+        _check_range("max_message_size", max_message_size, 1)
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive, or None for no timeout")
+        if shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must not be negative")
+        self.handler = handler
+        self.hosts = [host] if isinstance(host, str) or host is None else list(host)
+        self.requested_port = port
+        self.unix = os.fspath(unix) if unix is not None else None
+        self.backlog = backlog
+        self.reuse_port = reuse_port
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_message_size = max_message_size
+        self.shutdown_timeout = shutdown_timeout
+        self.ssl = ssl
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self._total = self._rejected = self._closed_in = self._closed_out = 0
+        self._last_reject_warning = -REJECT_WARNING_INTERVAL
+        self._rejects_unreported = 0
+        self._stopping = False
+        self._all_ended = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    # Public surface.
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """Every listening socket (empty before start and after stop)."""
+        if self._stopping:
+            return []
+        return [sock for server in self._servers for sock in server.sockets]
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every bound address, formatted as `format_address` does."""
+        return [format_address(sock.getsockname()) for sock in self.sockets]
+
+    @property
+    def port(self) -> int | None:
+        """The first bound TCP port (the real one when port=0), None on a Unix socket."""
+        for sock in self.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                return int(sock.getsockname()[1])
+        return None
+
+    @property
+    def stats(self) -> Stats:
+        live = self._connections
+        return Stats(
+            active=len(live),
+            total=self._total,
+            rejected=self._rejected,
+            bytes_in=self._closed_in + sum(c.bytes_in for c in live),
+            bytes_out=self._closed_out + sum(c.bytes_out for c in live),
+        )
+
+    def is_serving(self) -> bool:
+        """True from a successful start until a stop begins."""
+        return bool(self._servers) and not self._stopping
+
+    async def start(self) -> None:
+        """Bind and start accepting. On failure (e.g. address in use) raise OSError."""
+        if self._servers or self._stopping:
+            raise RuntimeError("a Server starts once")
+        self._loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {
+            "limit": self.max_message_size,
+            "backlog": self.backlog,
+            "ssl": self.ssl,
+        }
+        try:
+            if self.unix is not None:
+                _clear_stale_socket(self.unix)
+                self._servers.append(
+                    await asyncio.start_unix_server(self._accept, self.unix, **options)
+                )
+            else:
+                port = self.requested_port
+                for host in self.hosts:
+                    server = await asyncio.start_server(
+                        self._accept, host, port, reuse_port=self.reuse_port, **options
+                    )
+                    self._servers.append(server)
+                    # With port 0, every host shares the port the kernel gave the first.
+                    port = port or server.sockets[0].getsockname()[1]
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
+        for address in self.addresses:
+            logger.info("Listening on %s", address)
+
+    async def serve_forever(self) -> None:
+        """Start if needed, then serve until cancelled or stopped.
+
+        Cancelling the task running this stops the server (as `stop()` does)
+        before the cancellation propagates.
+        """
+        if not self._servers:
+            await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop: close the listeners, cancel and await every connection task.
+
+        Each connection flushes what was written to it within shutdown_timeout,
+        then is aborted. A stop with only idle clients returns at once. Calling it
+        again, or while it runs, just waits for the first call. Cancelling a stop
+        aborts every connection at once and re-raises the cancellation.
+        """
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for connection in list(self._connections):
+            connection.cancel("server stopped")
+        try:
+            if self._connections:
+                await self._all_ended.wait()
+            # uvloop closes listening handles one loop iteration after close().
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            for connection in list(self._connections):
+                connection.transport.abort()
+            raise
+        finally:
+            if self.unix is not None and self._servers:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.unix)
+            self._servers.clear()
+            self._stopped.set()
+            logger.info("Stopped")
+
+    # One connection.
+
+    def _accept(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Coroutine[Any, Any, None] | None:
+        # Called by start_server's protocol inside connection_made, before any data
+        # arrives, so the connection sees every byte from the first.
+        # uvloop's transports have the Transport methods without subclassing it.
+        transport = cast(asyncio.Transport, writer.transport)
+        if self._stopping:
+            transport.abort()
+            return None
+        if len(self._connections) >= self.max_connections:
+            self._reject(transport)
+            return None
+        rule = rule_for(self.handler, self.max_message_size)
+        inner = cast(asyncio.Protocol, transport.get_protocol())
+        connection = _Connection(self, transport, inner, rule)
+        transport.set_protocol(connection)
+        self._connections.add(connection)
+        self._total += 1
+        return self._serve(connection, reader, writer)
+
+    async def _serve(
+        self,
+        connection: _Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        # The task start_server made for this coroutine owns the connection. It ends
+        # normally even when cancelled: a cancelled task would make 3.11's stream
+        # protocol log an error, and the cancellation was ours to give.
+        task = connection.task = asyncio.current_task()
+        try:
+            if self._stopping:
+                connection.reason = "server stopped"
+            elif connection.rule is not None:
+                await connection.closed
+            else:
+                counting = _CountingWriter(connection, reader, connection.inner)
+                await self.handler(reader, counting)
+                connection.reason = connection.reason or "handler returned"
+        except asyncio.CancelledError:
+            if task is not None:
+                task.uncancel()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError) as exc:
+            connection.reason = connection.reason or _describe(exc)
+        except Exception:
+            logger.exception("Handler failed for %s", _peer(connection.peer))
+            connection.reason = "handler failed"
+        finally:
+            await self._close(connection)
+            self._forget(connection)
+
+    async def _close(self, connection: _Connection) -> None:
+        transport = connection.transport
+        if not transport.is_closing():
+            transport.close()
+        if connection.lost:
+            return
+        if connection.closed.done():
+            # Cancelled along with the task that awaited it.
+            connection.closed = self._loop.create_future()
+        # close() flushes what is buffered first; a client that will not take it
+        # gets shutdown_timeout, then the connection is aborted.
+        deadline = self._loop.call_later(self.shutdown_timeout, transport.abort)
+        try:
+            await connection.closed
+        except asyncio.CancelledError:
+            transport.abort()
+        finally:
+            deadline.cancel()
+
+    def _forget(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+        self._closed_in += connection.bytes_in
+        self._closed_out += connection.bytes_out
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "%s closed after %.3f s, %d bytes in, %d bytes out: %s",
+                _peer(connection.peer),
+                self._loop.time() - connection.started,
+                connection.bytes_in,
+                connection.bytes_out,
+                connection.reason or "closed",
+            )
+        if self._stopping and not self._connections:
+            self._all_ended.set()
+
+    def _reject(self, transport: asyncio.Transport) -> None:
+        self._rejected += 1
+        busy = busy_reply(self.handler)
+        if busy:
+            transport.write(busy)
+        transport.close()
+        now = time.monotonic()
+        self._rejects_unreported += 1
+        if now - self._last_reject_warning >= REJECT_WARNING_INTERVAL:
+            logger.warning(
+                "Turned away %d client(s): max_connections=%d reached",
+                self._rejects_unreported,
+                self.max_connections,
+            )
+            self._last_reject_warning = now
+            self._rejects_unreported = 0
+
+
+def _peer(peer: Any) -> str:
+    if not peer:
+        return "unix client"
+    return format_address(peer)
+
+
+def _check_range(name: str, value: int, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} must be an integer {bound}, not {value!r}")
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file no server listens on; refuse to touch anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # left behind by a server that died
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "a server is already listening on", path)
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    handler: Handler,
+    *,
+    host: str | Sequence[str] | None = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    **options: Any,
+) -> AsyncIterator[Server]:
+    """Start a Server for the block, and stop it when the block is left.
+
+    The server is already accepting when the block starts: `server.port` is
+    the real port even with port=0. Leaving the block, normally, by an
+    exception or by cancellation, runs `stop()`.
+    """
+    server = Server(handler, host=host, port=port, **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

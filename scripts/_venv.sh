@@ -1,0 +1,17 @@
+# Sourced by the scripts: make or reuse .venv and install the project into it.
+# A second run only compares a stamp, so it is fast.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+python="${PYTHON:-python3}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+stamp="$venv/.installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]"; then
+        echo "scripts: installing into $venv failed" >&2
+        exit 1
+    fi
+    touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+cd "$root"
