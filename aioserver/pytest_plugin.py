@@ -1,0 +1,1 @@
+"""pytest fixtures over aioserver.testing (registered through the pytest11 entry point)."""
