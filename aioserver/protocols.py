@@ -44,12 +44,16 @@ BUSY_REPLY = b"Error: server busy\n"
 
 
 class MessageTooLong(Exception):
-    """A message went past the limit; `reply` is the one line to send before closing."""
+    """A message went past the limit.
 
-    def __init__(self, limit: int) -> None:
+    `reply` is what to send before closing: the replies to the complete messages
+    received before the long one, then one line naming the limit.
+    """
+
+    def __init__(self, limit: int, replies_before: bytes = b"") -> None:
         super().__init__(f"message longer than {limit} bytes")
         self.limit = limit
-        self.reply = f"Error: message longer than {limit} bytes\n".encode()
+        self.reply = replies_before + f"Error: message longer than {limit} bytes\n".encode()
 
 
 class ReplyRule(Protocol):
@@ -104,15 +108,20 @@ class ThanksRule:
             data = self._pending + data
         end = data.rfind(b"\n") + 1
         self._pending = data[end:]
-        if len(self._pending) > self._limit:
-            # A fragment this long can only become a line over the limit.
-            raise MessageTooLong(self._limit)
-        if not end:
-            return b""
         lines = data[:end].split(b"\n")
-        lines.pop()  # the empty piece after the last LF
-        if end > self._limit and any(len(line) >= self._limit for line in lines):
-            raise MessageTooLong(self._limit)
+        lines.pop()  # the piece after the last LF: the pending fragment, or empty
+        limit = self._limit
+        if end > limit or len(self._pending) > limit:
+            for index, line in enumerate(lines):
+                if len(line) >= limit:  # with its LF, over the limit
+                    raise MessageTooLong(limit, self._answer(lines[:index]))
+            if len(self._pending) > limit:
+                # A fragment this long can only become a line over the limit.
+                raise MessageTooLong(limit, self._answer(lines))
+        return self._answer(lines) if lines else b""
+
+    @staticmethod
+    def _answer(lines: list[bytes]) -> bytes:
         return b"".join([THANKS_PREFIX + line + b"\n" for line in lines])
 
     def finish(self) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -25,6 +26,15 @@ def pytest_asyncio_loop_factories(
 def open_fds() -> int:
     """How many file descriptors this process has open now."""
     return len(os.listdir("/proc/self/fd"))
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for `condition` to hold, checking every few milliseconds; fail at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {timeout} s")
+        await asyncio.sleep(0.005)
 
 
 class ExceptionRecorder:
