@@ -62,6 +62,9 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 # Time for busy clients to get the replies already owed to them at a stop; well
 # inside the 90 s a service manager such as systemd waits before killing.
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
+# Idle connections are looked for this many times per idle_timeout (and at least
+# once a second), so one is closed at most 10% late.
+IDLE_SWEEPS_PER_TIMEOUT = 10
 # One warning a second at most while clients are being turned away.
 REJECT_WARNING_INTERVAL = 1.0
 
@@ -104,7 +107,6 @@ class _Connection(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "closed",
-        "idle_handle",
         "inner",
         "last_active",
         "loop",
@@ -130,7 +132,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         self.inner = inner
         self.rule = rule
-        self.peer = transport.get_extra_info("peername")
+        # Fetched now only when it will be logged: memory per connection counts.
+        self.peer = _peername(transport) if access_logger.isEnabledFor(logging.INFO) else None
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = self.last_active = self.loop.time()
@@ -138,11 +141,6 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.task: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
-        self.idle_handle: asyncio.TimerHandle | None = None
-        if server.idle_timeout is not None:
-            self.idle_handle = self.loop.call_at(
-                self.started + server.idle_timeout, self._check_idle
-            )
 
     # Events from the transport.
 
@@ -186,8 +184,6 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         if exc is not None and not self.reason:
             self.reason = _describe(exc)
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         if self.rule is None:
             self.inner.connection_lost(exc)
         if not self.closed.done():
@@ -211,14 +207,9 @@ class _Connection(asyncio.Protocol):
         elif not self.transport.is_closing():
             self.transport.close()
 
-    def _check_idle(self) -> None:
-        assert self.server.idle_timeout is not None
-        due = self.last_active + self.server.idle_timeout
-        if self.loop.time() >= due:
-            self.idle_handle = None
-            self.cancel(f"idle for {self.server.idle_timeout:g} s")
-        else:
-            self.idle_handle = self.loop.call_at(due, self._check_idle)
+    def describe_peer(self) -> str:
+        peer = self.peer or _peername(self.transport)
+        return format_address(peer) if peer else "client"
 
 
 class _CountingWriter(asyncio.StreamWriter):
@@ -331,6 +322,7 @@ class Server:
         self._stopping = False
         self._all_ended = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._idle_sweep: asyncio.TimerHandle | None = None
 
     # Public surface.
 
@@ -401,6 +393,8 @@ class Server:
             raise
         for address in self.addresses:
             logger.info("Listening on %s", address)
+        if self.idle_timeout is not None:
+            self._schedule_idle_sweep()
 
     async def serve_forever(self) -> None:
         """Start if needed, then serve until cancelled or stopped.
@@ -427,6 +421,8 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping = True
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
         for server in self._servers:
             server.close()
         for connection in list(self._connections):
@@ -447,6 +443,23 @@ class Server:
             self._servers.clear()
             self._stopped.set()
             logger.info("Stopped")
+
+    # Idleness: one timer for the whole server rather than one per connection,
+    # which would cost about 500 bytes each; a client is closed between
+    # idle_timeout and idle_timeout + one sweep interval after its last activity.
+
+    def _schedule_idle_sweep(self) -> None:
+        assert self.idle_timeout is not None
+        interval = min(max(self.idle_timeout / IDLE_SWEEPS_PER_TIMEOUT, 0.01), 1.0)
+        self._idle_sweep = self._loop.call_later(interval, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        assert self.idle_timeout is not None
+        oldest = self._loop.time() - self.idle_timeout
+        for connection in self._connections:
+            if connection.last_active <= oldest and not connection.reason:
+                connection.cancel(f"idle for {self.idle_timeout:g} s")
+        self._schedule_idle_sweep()
 
     # One connection.
 
@@ -496,7 +509,7 @@ class Server:
         except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError) as exc:
             connection.reason = connection.reason or _describe(exc)
         except Exception:
-            logger.exception("Handler failed for %s", _peer(connection.peer))
+            logger.exception("Handler failed for %s", connection.describe_peer())
             connection.reason = "handler failed"
         finally:
             await self._close(connection)
@@ -528,7 +541,7 @@ class Server:
         if access_logger.isEnabledFor(logging.INFO):
             access_logger.info(
                 "%s closed after %.3f s, %d bytes in, %d bytes out: %s",
-                _peer(connection.peer),
+                connection.describe_peer(),
                 self._loop.time() - connection.started,
                 connection.bytes_in,
                 connection.bytes_out,
@@ -555,10 +568,13 @@ class Server:
             self._rejects_unreported = 0
 
 
-def _peer(peer: Any) -> str:
-    if not peer:
-        return "unix client"
-    return format_address(peer)
+def _peername(transport: asyncio.BaseTransport) -> Any:
+    """The peer's address, or None: a Unix client has none, and uvloop raises
+    ValueError once the socket is closed."""
+    try:
+        return transport.get_extra_info("peername")
+    except (OSError, ValueError):
+        return None
 
 
 def _check_range(name: str, value: int, low: int, high: int | None = None) -> None:
