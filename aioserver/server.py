@@ -29,6 +29,7 @@ from .protocols import (
     busy_reply,
     rule_for,
 )
+from .proxy import ProxyHeaderError, split_header
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -112,6 +113,8 @@ class _Connection(asyncio.Protocol):
         "loop",
         "lost",
         "peer",
+        "proxy_header",
+        "proxy_peer",
         "reason",
         "rule",
         "server",
@@ -139,6 +142,10 @@ class _Connection(asyncio.Protocol):
         self.started = self.last_active = self.loop.time()
         self.reason = ""
         self.lost = False
+        # With the PROXY protocol on: resolved True once the header is read, False
+        # when it was bad; the client's address it named (None for LOCAL).
+        self.proxy_header: asyncio.Future[bool] | None = None
+        self.proxy_peer: Any = None
         self.task: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
@@ -208,7 +215,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def describe_peer(self) -> str:
-        peer = self.peer or _peername(self.transport)
+        peer = self.proxy_peer or self.peer or _peername(self.transport)
         return format_address(peer) if peer else "client"
 
 
@@ -233,6 +240,56 @@ class _CountingWriter(asyncio.StreamWriter):
     def writelines(self, data: Any) -> None:
         for chunk in data:
             self.write(chunk)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        # Behind a load balancer, the peer is the client its PROXY header named.
+        if name == "peername" and self._connection.proxy_peer is not None:
+            return self._connection.proxy_peer
+        return super().get_extra_info(name, default)
+
+
+class _ProxyHeaderReader(asyncio.Protocol):
+    """Reads the PROXY header first, then hands the transport to the connection."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
+        self.received = b""
+        connection.proxy_header = connection.loop.create_future()
+
+    def data_received(self, data: bytes) -> None:
+        connection = self.connection
+        connection.bytes_in += len(data)
+        self.received += data
+        try:
+            found = split_header(self.received)
+        except ProxyHeaderError as error:
+            logger.warning("Closed %s: %s", connection.describe_peer(), error)
+            connection.reason = str(error)
+            connection.transport.abort()
+            return
+        if found is None:
+            return
+        connection.proxy_peer, rest = found
+        if connection.proxy_peer is not None:
+            connection.peer = connection.proxy_peer
+        connection.transport.set_protocol(connection)
+        _resolve(connection.proxy_header, True)
+        if rest:
+            connection.bytes_in -= len(rest)  # counted again as the connection's own
+            connection.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        self.connection.reason = "closed by client before its PROXY header"
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _resolve(self.connection.proxy_header, False)
+        self.connection.connection_lost(exc)
+
+
+def _resolve(future: asyncio.Future[bool] | None, value: bool) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
 
 
 def _describe(exc: BaseException) -> str:
@@ -270,6 +327,11 @@ class Server:
       stream reader limit a user's handler gets.
     - shutdown_timeout: at a stop, how long a client is given to take the
       replies already owed to it before its connection is aborted.
+    - proxy_protocol: every connection must start with a PROXY protocol v1 or
+      v2 header (as HAProxy's send-proxy sends); the client it names is the
+      peer in logs and in the handler's `writer.get_extra_info("peername")`,
+      and the handler gets only the bytes after it. A connection without a
+      valid header is closed with one warning.
 
     Stopping is cancellation: cancelling `serve_forever()`, leaving `serve()`
     and calling `stop()` all close the listening sockets, cancel every
@@ -291,6 +353,7 @@ class Server:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be a coroutine function, not {handler!r}")
@@ -313,6 +376,7 @@ class Server:
         self.max_message_size = max_message_size
         self.shutdown_timeout = shutdown_timeout
         self.ssl = ssl
+        self.proxy_protocol = proxy_protocol
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
@@ -479,7 +543,10 @@ class Server:
         rule = rule_for(self.handler, self.max_message_size)
         inner = cast(asyncio.Protocol, transport.get_protocol())
         connection = _Connection(self, transport, inner, rule)
-        transport.set_protocol(connection)
+        if self.proxy_protocol:
+            transport.set_protocol(_ProxyHeaderReader(connection))
+        else:
+            transport.set_protocol(connection)
         self._connections.add(connection)
         self._total += 1
         return self._serve(connection, reader, writer)
@@ -495,7 +562,9 @@ class Server:
         # protocol log an error, and the cancellation was ours to give.
         task = connection.task = asyncio.current_task()
         try:
-            if self._stopping:
+            if connection.proxy_header is not None and not await connection.proxy_header:
+                pass  # no valid PROXY header: closed already
+            elif self._stopping:
                 connection.reason = "server stopped"
             elif connection.rule is not None:
                 await connection.closed
