@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import ssl as ssl_module
@@ -23,6 +24,7 @@ from typing import Any, cast
 
 from .protocols import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    EchoRule,
     Handler,
     MessageTooLong,
     ReplyRule,
@@ -66,6 +68,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 # Idle connections are looked for this many times per idle_timeout (and at least
 # once a second), so one is closed at most 10% late.
 IDLE_SWEEPS_PER_TIMEOUT = 10
+# ...but not more often than this, whatever the timeout: each sweep visits every
+# connection.
+MIN_SWEEP_INTERVAL = 0.01
 # One warning a second at most while clients are being turned away.
 REJECT_WARNING_INTERVAL = 1.0
 
@@ -98,10 +103,10 @@ def format_address(sockname: Any) -> str:
 class _Connection(asyncio.Protocol):
     """Sits between one transport and the protocol that serves it.
 
-    With a reply rule (the built-in protocols) it answers straight from
-    `data_received`; otherwise it forwards every event to the stream protocol
-    made by `start_server` for the user's handler. Either way it counts bytes,
-    keeps reading no faster than the client takes replies, and watches idleness.
+    It counts bytes, keeps reading no faster than the client takes replies, and
+    notes activity for the idle sweep. The subclasses say who answers: a reply
+    rule straight from `data_received` (the built-in protocols), or the user's
+    handler through the stream protocol that `start_server` made.
     """
 
     __slots__ = (
@@ -109,12 +114,12 @@ class _Connection(asyncio.Protocol):
         "bytes_out",
         "closed",
         "inner",
-        "last_active",
         "loop",
         "lost",
         "peer",
         "proxy_header",
         "proxy_peer",
+        "quiet",
         "reason",
         "rule",
         "server",
@@ -139,7 +144,9 @@ class _Connection(asyncio.Protocol):
         self.peer = _peername(transport) if access_logger.isEnabledFor(logging.INFO) else None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.started = self.last_active = self.loop.time()
+        self.started = self.loop.time()
+        # Idle sweeps since the last sign of life; cheaper to reset than a clock read.
+        self.quiet = 0
         self.reason = ""
         self.lost = False
         # With the PROXY protocol on: resolved True once the header is read, False
@@ -149,54 +156,12 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.closed: asyncio.Future[None] = self.loop.create_future()
 
-    # Events from the transport.
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self.last_active = self.loop.time()
-        rule = self.rule
-        if rule is None:
-            self.inner.data_received(data)
-            return
-        try:
-            reply = rule.feed(data)
-        except MessageTooLong as error:
-            self.end(error.reply, f"message longer than {error.limit} bytes")
-            return
-        if reply:
-            self.bytes_out += len(reply)
-            self.transport.write(reply)
-
-    def eof_received(self) -> bool | None:
-        if self.rule is None:
-            return self.inner.eof_received()
-        self.end(self.rule.finish(), "closed by client")
-        return None
-
-    def pause_writing(self) -> None:
-        if self.rule is None:
-            self.inner.pause_writing()
-        elif not self.transport.is_closing():
-            # The client is not taking replies: stop taking its requests.
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.last_active = self.loop.time()
-        if self.rule is None:
-            self.inner.resume_writing()
-        elif not self.transport.is_closing():
-            self.transport.resume_reading()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if exc is not None and not self.reason:
             self.reason = _describe(exc)
-        if self.rule is None:
-            self.inner.connection_lost(exc)
         if not self.closed.done():
             self.closed.set_result(None)
-
-    # Ending.
 
     def end(self, last: bytes, reason: str) -> None:
         """Send `last`, then close once everything written is flushed."""
@@ -219,6 +184,76 @@ class _Connection(asyncio.Protocol):
         return format_address(peer) if peer else "client"
 
 
+class _RuleConnection(_Connection):
+    """Answers with a reply rule, from the transport's own callbacks."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.quiet = 0
+        self.bytes_in += len(data)
+        try:
+            reply = self.rule.feed(data)  # type: ignore[union-attr]
+        except MessageTooLong as error:
+            self.end(error.reply, f"message longer than {error.limit} bytes")
+            return
+        if reply:
+            self.bytes_out += len(reply)
+            self.transport.write(reply)
+
+    def eof_received(self) -> bool | None:
+        self.end(self.rule.finish(), "closed by client")  # type: ignore[union-attr]
+        return None
+
+    def pause_writing(self) -> None:
+        if not self.transport.is_closing():
+            # The client is not taking replies: stop taking its requests.
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.quiet = 0
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class _EchoConnection(_RuleConnection):
+    """Echo's rule is the identity: the same, without the call."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.quiet = 0
+        size = len(data)
+        self.bytes_in += size
+        self.bytes_out += size
+        self.transport.write(data)
+
+
+class _HandlerConnection(_Connection):
+    """Forwards every event to the stream protocol the user's handler reads from."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.quiet = 0
+        self.bytes_in += len(data)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.quiet = 0
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+        super().connection_lost(exc)
+
+
 class _CountingWriter(asyncio.StreamWriter):
     """The writer a user's handler gets: a StreamWriter that counts what it sends."""
 
@@ -234,7 +269,7 @@ class _CountingWriter(asyncio.StreamWriter):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         connection = self._connection
         connection.bytes_out += len(data)
-        connection.last_active = connection.loop.time()
+        connection.quiet = 0
         super().write(data)
 
     def writelines(self, data: Any) -> None:
@@ -387,6 +422,8 @@ class Server:
         self._all_ended = asyncio.Event()
         self._stopped = asyncio.Event()
         self._idle_sweep: asyncio.TimerHandle | None = None
+        self._sweep_interval = 1.0
+        self._sweeps_to_idle = 0
 
     # Public surface.
 
@@ -458,6 +495,10 @@ class Server:
         for address in self.addresses:
             logger.info("Listening on %s", address)
         if self.idle_timeout is not None:
+            self._sweep_interval = min(
+                max(self.idle_timeout / IDLE_SWEEPS_PER_TIMEOUT, MIN_SWEEP_INTERVAL), 1.0
+            )
+            self._sweeps_to_idle = math.ceil(self.idle_timeout / self._sweep_interval)
             self._schedule_idle_sweep()
 
     async def serve_forever(self) -> None:
@@ -509,19 +550,19 @@ class Server:
             logger.info("Stopped")
 
     # Idleness: one timer for the whole server rather than one per connection,
-    # which would cost about 500 bytes each; a client is closed between
-    # idle_timeout and idle_timeout + one sweep interval after its last activity.
+    # which would cost about 500 bytes each. Each sweep counts one more quiet
+    # interval for every connection, and activity resets the count, so a client
+    # is closed between idle_timeout and idle_timeout + one interval after it
+    # last sent or took anything.
 
     def _schedule_idle_sweep(self) -> None:
-        assert self.idle_timeout is not None
-        interval = min(max(self.idle_timeout / IDLE_SWEEPS_PER_TIMEOUT, 0.01), 1.0)
-        self._idle_sweep = self._loop.call_later(interval, self._sweep_idle)
+        self._idle_sweep = self._loop.call_later(self._sweep_interval, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        assert self.idle_timeout is not None
-        oldest = self._loop.time() - self.idle_timeout
+        limit = self._sweeps_to_idle
         for connection in self._connections:
-            if connection.last_active <= oldest and not connection.reason:
+            connection.quiet += 1
+            if connection.quiet > limit and not connection.reason:
                 connection.cancel(f"idle for {self.idle_timeout:g} s")
         self._schedule_idle_sweep()
 
@@ -542,7 +583,10 @@ class Server:
             return None
         rule = rule_for(self.handler, self.max_message_size)
         inner = cast(asyncio.Protocol, transport.get_protocol())
-        connection = _Connection(self, transport, inner, rule)
+        kind = _HandlerConnection if rule is None else _RuleConnection
+        if isinstance(rule, EchoRule):
+            kind = _EchoConnection
+        connection = kind(self, transport, inner, rule)
         if self.proxy_protocol:
             transport.set_protocol(_ProxyHeaderReader(connection))
         else:
