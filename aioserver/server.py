@@ -367,6 +367,8 @@ class Server:
       peer in logs and in the handler's `writer.get_extra_info("peername")`,
       and the handler gets only the bytes after it. A connection without a
       valid header is closed with one warning.
+    - sockets: listening sockets bound already (as a supervisor hands its
+      worker processes) to serve on instead of host, port and unix.
 
     Stopping is cancellation: cancelling `serve_forever()`, leaving `serve()`
     and calling `stop()` all close the listening sockets, cancel every
@@ -389,6 +391,7 @@ class Server:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
         proxy_protocol: bool = False,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be a coroutine function, not {handler!r}")
@@ -412,6 +415,7 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.ssl = ssl
         self.proxy_protocol = proxy_protocol
+        self.listen_sockets = list(sockets)
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
@@ -473,7 +477,14 @@ class Server:
             "ssl": self.ssl,
         }
         try:
-            if self.unix is not None:
+            if self.listen_sockets:
+                for sock in self.listen_sockets:
+                    if sock.family == socket.AF_UNIX:
+                        server = await asyncio.start_unix_server(self._accept, sock=sock, **options)
+                    else:
+                        server = await asyncio.start_server(self._accept, sock=sock, **options)
+                    self._servers.append(server)
+            elif self.unix is not None:
                 _clear_stale_socket(self.unix)
                 self._servers.append(
                     await asyncio.start_unix_server(self._accept, self.unix, **options)
