@@ -83,6 +83,10 @@ int main(int argc, char **argv) {
     setrlimit(RLIMIT_NOFILE, &rl);
     conns = calloc(rl.rlim_cur, sizeof *conns);
 
+    /* Blocked signals reach the signalfd only if they are not ignored, and a shell
+       that starts us in the background may have set SIGINT to be ignored. */
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
     sigset_t stop;
     sigemptyset(&stop);
     sigaddset(&stop, SIGTERM);

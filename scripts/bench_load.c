@@ -150,6 +150,47 @@ static double proc_cpu_s(int pid) {
     return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* Seconds this process was runnable but waiting for its CPU (schedstat run_delay):
+   another program on the load generator's CPU shows here, and makes a run suspect. */
+static double self_wait_s(void) {
+    FILE *f = fopen("/proc/self/schedstat", "r");
+    if (!f) return -1;
+    unsigned long long run = 0, wait = 0;
+    int n = fscanf(f, "%llu %llu", &run, &wait);
+    fclose(f);
+    return n == 2 ? (double)wait / 1e9 : -1;
+}
+
+/* Busy time (all but idle and iowait, steal included) of each CPU, from /proc/stat:
+   with our own CPU time, it tells how much of our CPUs another program took. */
+#define MAX_CPUS 256
+typedef struct {
+    unsigned long long busy[MAX_CPUS], total[MAX_CPUS];
+    int n;
+} cpustat_t;
+
+static void read_cpustat(cpustat_t *st) {
+    st->n = 0;
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "cpu", 3) || line[3] < '0' || line[3] > '9') continue;
+        int cpu;
+        unsigned long long v[8] = {0};
+        if (sscanf(line + 3, "%d %llu %llu %llu %llu %llu %llu %llu %llu", &cpu, &v[0], &v[1],
+                   &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) < 6 ||
+            cpu < 0 || cpu >= MAX_CPUS)
+            continue;
+        unsigned long long total = 0;
+        for (int i = 0; i < 8; i++) total += v[i];
+        st->total[cpu] = total;
+        st->busy[cpu] = total - v[3] - v[4];
+        if (cpu + 1 > st->n) st->n = cpu + 1;
+    }
+    fclose(f);
+}
+
 static double self_cpu_s(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -307,27 +348,45 @@ static void establish(int n, double limit_s) {
     }
 }
 
-static void print_result(double conn_s, double window_s, double cpu_self, double cpu_server) {
+typedef struct {
+    double window, cpu_self, cpu_server, wait;
+    cpustat_t before, after;
+} usage_t;
+
+static void print_result(double conn_s, const usage_t *u) {
+    double w = u->window;
     printf("{\"mode\": \"%s\", \"connections\": %d, \"idle\": %d, \"size\": %zu, "
            "\"requests\": %llu, \"duration_s\": %.6f, \"rps\": %.1f, \"reply_bytes\": %llu, "
            "\"mbps\": %.3f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
-           "\"connect_s\": %.4f, \"loadgen_cpu\": %.3f, \"server_cpu\": %.3f}\n",
+           "\"connect_s\": %.4f, \"loadgen_cpu\": %.3f, \"server_cpu\": %.3f, "
+           "\"loadgen_wait\": %.3f, \"cpu_busy\": [",
            opt.mode == MODE_RR ? "rr" : "connect", opt.conns, opt.idle, opt.size,
-           (unsigned long long)requests, window_s, (double)requests / window_s,
-           (unsigned long long)reply_bytes, (double)reply_bytes / window_s / 1e6,
-           percentile_us(0.50), percentile_us(0.99), (double)max_ns / 1000.0, conn_s,
-           cpu_self / window_s, cpu_server < 0 ? -1.0 : cpu_server / window_s);
+           (unsigned long long)requests, w, (double)requests / w, (unsigned long long)reply_bytes,
+           (double)reply_bytes / w / 1e6, percentile_us(0.50), percentile_us(0.99),
+           (double)max_ns / 1000.0, conn_s, u->cpu_self / w,
+           u->cpu_server < 0 ? -1.0 : u->cpu_server / w, u->wait < 0 ? -1.0 : u->wait / w);
+    for (int i = 0; i < u->after.n && i < u->before.n; i++) {
+        unsigned long long total = u->after.total[i] - u->before.total[i];
+        double busy = total ? (double)(u->after.busy[i] - u->before.busy[i]) / (double)total : 0;
+        printf("%s%.3f", i ? ", " : "", busy);
+    }
+    printf("]}\n");
     fflush(stdout);
 }
 
-/* Runs the measured loop of rr and connect modes. */
+/* Runs the measured loop of rr and connect modes. After the window it lets every
+   request in flight finish, so that closing sends FIN rather than a reset, and the
+   server sees the ordinary end of a client rather than an error. */
 static void run_load(double conn_s) {
     struct epoll_event evs[MAX_EVENTS];
     uint64_t start = now_ns();
     uint64_t warm_end = start + (uint64_t)(opt.warmup * 1e9);
     uint64_t end = warm_end + (uint64_t)(opt.duration * 1e9);
-    double cpu0 = 0, srv0 = -1;
+    uint64_t drain_end = end + 2000000000u;
+    double cpu0 = 0, srv0 = -1, wait0 = 0;
+    usage_t u = {0};
     int first = opt.mode == MODE_RR ? opt.idle : 0;
+    int inflight = opt.conns, stopping = 0;
 
     for (int i = first; i < first + opt.conns; i++) {
         conn_t *c = &conns[i];
@@ -338,21 +397,35 @@ static void run_load(double conn_s) {
             open_conn(c);
         }
     }
-    for (;;) {
+    while (inflight > 0) {
         uint64_t t = now_ns();
-        if (!measuring && t >= warm_end) {
+        if (!measuring && !stopping && t >= warm_end) {
             measuring = 1;
+            read_cpustat(&u.before);
             cpu0 = self_cpu_s();
+            wait0 = self_wait_s();
             srv0 = opt.server_pid ? proc_cpu_s(opt.server_pid) : -1;
         }
-        if (t >= end) break;
-        uint64_t next = measuring ? end : warm_end;
+        if (!stopping && t >= end) {
+            stopping = 1;
+            measuring = 0;
+            u.window = (double)(t - warm_end) / 1e9;
+            u.cpu_self = self_cpu_s() - cpu0;
+            u.wait = wait0 < 0 ? -1 : self_wait_s() - wait0;
+            u.cpu_server = srv0 < 0 ? -1 : proc_cpu_s(opt.server_pid) - srv0;
+            read_cpustat(&u.after);
+        }
+        if (stopping && t >= drain_end) break;
+        uint64_t next = stopping ? drain_end : measuring ? end : warm_end;
         int wait_ms = (int)((next - t) / 1000000u) + 1;
         int ready = epoll_wait(epfd, evs, MAX_EVENTS, wait_ms);
         if (ready < 0 && errno != EINTR) fail("epoll_wait: %s", strerror(errno));
         for (int i = 0; i < ready; i++) {
             conn_t *c = &conns[evs[i].data.u32];
-            if (c->state == ST_IDLE) fail("event on an idle connection");
+            if (c->state == ST_IDLE) {
+                if (!stopping) fail("event on an idle connection");
+                continue;
+            }
             if (c->state == ST_CONNECTING) {
                 int err = 0;
                 socklen_t len = sizeof err;
@@ -365,19 +438,23 @@ static void run_load(double conn_s) {
             if (!(evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) || !on_readable(c)) continue;
             uint64_t done = now_ns();
             record(done, c);
-            if (opt.mode == MODE_RR) {
+            if (opt.mode == MODE_CONNECT)
+                close_conn(c); /* the client closes first, as a short-lived client does */
+            if (stopping) {
+                if (c->state == ST_ACTIVE) {
+                    c->state = ST_IDLE;
+                    set_interest(c, EPOLLIN);
+                }
+                inflight--;
+            } else if (opt.mode == MODE_RR) {
                 c->t0 = done;
                 begin(c, ST_ACTIVE, req, req_len, rep, rep_len);
             } else {
-                close_conn(c); /* the client closes first, as a short-lived client does */
                 open_conn(c);
             }
         }
     }
-    double window = (double)(now_ns() - warm_end) / 1e9;
-    double cpu_self = self_cpu_s() - cpu0;
-    double cpu_server = srv0 < 0 ? -1 : proc_cpu_s(opt.server_pid) - srv0;
-    print_result(conn_s, window, cpu_self, cpu_server);
+    print_result(conn_s, &u);
 }
 
 static void run_hold(double conn_s) {

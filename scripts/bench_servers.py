@@ -2,10 +2,10 @@
 
 Each is the code a Python user would write first for the job, nothing tuned:
 
-    asyncio-echo   asyncio.start_server with a read / write / drain loop
-    protocol-echo  an asyncio.Protocol whose data_received writes the data back
-    threading-echo socketserver.ThreadingTCPServer, a thread per client
-    threading-thanks  the same, answering "Thank you for your message <line>"
+    start-server-echo  asyncio.start_server with a read / write / drain loop
+    protocol-echo      an asyncio.Protocol whose data_received writes the data back
+    threading-echo     socketserver.ThreadingTCPServer, a thread per client
+    threading-thanks   the same, answering "Thank you for your message <line>"
 
 Usage: python bench_servers.py NAME [--loop asyncio|uvloop] [--host H] [--port P]
 Each prints "Listening on HOST:PORT" (the port actually bound) once accepting, and
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import socket
 import socketserver
-import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 READ_SIZE = 64 * 1024  # the same read size as every server in the bench
 BACKLOG = 100  # asyncio.start_server's default, so no server is refused for its backlog
@@ -39,7 +40,7 @@ async def handle_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         writer.close()
 
 
-async def serve_asyncio_echo(host: str, port: int) -> None:
+async def serve_start_server_echo(host: str, port: int) -> None:
     server = await asyncio.start_server(handle_echo, host, port, backlog=BACKLOG)
     ready(host, server.sockets[0].getsockname()[1])
     async with server:
@@ -50,8 +51,7 @@ class EchoProtocol(asyncio.Protocol):
     transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -102,10 +102,8 @@ class ThreadingServer(socketserver.ThreadingTCPServer):
 def serve_threading(handler: type[socketserver.BaseRequestHandler], host: str, port: int) -> None:
     with ThreadingServer((host, port), handler) as server:
         ready(host, server.server_address[1])
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
 
 
 def run_async(main: Coroutine[Any, Any, None], loop: str) -> None:
@@ -114,24 +112,23 @@ def run_async(main: Coroutine[Any, Any, None], loop: str) -> None:
         import uvloop
 
         factory = uvloop.new_event_loop
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(main)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "name", choices=["asyncio-echo", "protocol-echo", "threading-echo", "threading-thanks"]
+        "name", choices=["start-server-echo", "protocol-echo", "threading-echo", "threading-thanks"]
     )
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    if args.name == "asyncio-echo":
-        run_async(serve_asyncio_echo(args.host, args.port), args.loop)
+    # A shell that starts us in the background may have set SIGINT to be ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.name == "start-server-echo":
+        run_async(serve_start_server_echo(args.host, args.port), args.loop)
     elif args.name == "protocol-echo":
         run_async(serve_protocol_echo(args.host, args.port), args.loop)
     elif args.name == "threading-echo":
@@ -141,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
