@@ -107,6 +107,10 @@ class ThanksRule:
         if self._pending:
             data = self._pending + data
         end = data.rfind(b"\n") + 1
+        if end == len(data) and end <= self._limit and data.find(b"\n") + 1 == end:
+            # The common case, one whole line per read: one concatenation.
+            self._pending = b""
+            return THANKS_PREFIX + data
         self._pending = data[end:]
         lines = data[:end].split(b"\n")
         lines.pop()  # the piece after the last LF: the pending fragment, or empty
