@@ -1,22 +1,28 @@
 """The `aioserver` command: options from flags and AIOSERVER_* variables, then `run`.
 
-Precedence: a flag wins over its environment variable, which wins over the default.
-Stdout gets one `Listening on ADDRESS` line per listening socket once accepting;
-logs go to stderr. Exit status: 0 after a stop by SIGINT/SIGTERM, 1 when the
-server cannot start (one line on stderr, no traceback), 2 for bad arguments.
+Precedence: a flag wins over its environment variable, which wins over the
+default; an empty variable counts as unset. Stdout gets one `Listening on ADDRESS`
+line per listening socket once accepting; logs go to stderr, the first line naming
+the version, protocol and loop. Exit status: 0 after a stop by SIGINT/SIGTERM
+(graceful or, after a second signal, at once), 1 when the server cannot start (one
+line on stderr, no traceback), 2 for bad arguments, 130 when interrupted before
+serving.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import inspect
 import logging
+import math
 import os
 import ssl
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from . import __version__
 from .loops import LOOP_NAMES, resolve_loop
@@ -30,13 +36,27 @@ from .server import (
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     Server,
+    format_address,
 )
 
-__all__ = ["load_handler", "main"]
+__all__ = ["StartupError", "build_parser", "load_handler", "main"]
 
 ENV_PREFIX = "AIOSERVER_"
 BUILTIN_PROTOCOLS: dict[str, Handler] = {"echo": echo, "thanks": thanks}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+EXIT_OK = 0
+EXIT_CANNOT_START = 1
+# 128 + SIGINT, as a shell reports a command Ctrl-C ended.
+EXIT_INTERRUPTED = 130
+
+# Why a listening socket could not be made, in words; other errors use strerror.
+BIND_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+    errno.EEXIST: "the path exists and is not a socket",
+}
 
 logger = logging.getLogger("aioserver")
 
@@ -46,7 +66,12 @@ class StartupError(Exception):
 
 
 def load_handler(spec: str) -> Handler:
-    """`echo`, `thanks`, or `module:callable` naming a coroutine function."""
+    """The handler `spec` names: `echo`, `thanks`, or `MODULE:CALLABLE`.
+
+    CALLABLE may be dotted (`module:Class.method`) and must be a coroutine
+    function. Anything else raises StartupError with a one-line reason, also
+    when importing the module fails.
+    """
     if spec in BUILTIN_PROTOCOLS:
         return BUILTIN_PROTOCOLS[spec]
     module_name, sep, attribute = spec.partition(":")
@@ -56,12 +81,16 @@ def load_handler(spec: str) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise StartupError(f"cannot import {module_name!r}: {error}") from None
+    except Exception as error:
+        raise StartupError(
+            f"importing {module_name!r} failed: {type(error).__name__}: {error}"
+        ) from None
     target: Any = module
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise StartupError(f"{module_name!r} has no attribute {attribute!r}") from None
+            raise StartupError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if not inspect.iscoroutinefunction(target):
         raise StartupError(
             f"{spec} is not a coroutine function: define it as 'async def handler(reader, writer)'"
@@ -70,91 +99,105 @@ def load_handler(spec: str) -> Handler:
     return handler
 
 
-def _timeout(text: str) -> float | None:
-    """Seconds; 0 or 'none' turns the timeout off."""
-    if text.strip().lower() in ("none", "off", "0"):
-        return None
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+# Parsers for option values: each says in its error what it expected.
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+def _integer(text: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise argparse.ArgumentTypeError(f"expected a number {bound}, not {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return _integer(text, 0, 65535)
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
     return value
+
+
+def _timeout(text: str) -> float | None:
+    """Seconds; 0 or 'none' turns the timeout off."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return _seconds(text) or None
 
 
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+@dataclass(frozen=True)
 class _Option:
     """One setting: its flag, its environment variable, how to parse it."""
 
-    def __init__(
-        self,
-        name: str,
-        help: str,
-        *,
-        parse: Callable[[str], Any] = str,
-        default: Any = None,
-        choices: Sequence[str] | None = None,
-        repeat: bool = False,
-        switch: bool = False,
-        metavar: str | None = None,
-    ) -> None:
-        self.name = name
-        self.dest = name.replace("-", "_")
-        self.env = ENV_PREFIX + self.dest.upper()
-        self.help = help
-        self.parse = parse
-        self.default = default
-        self.choices = choices
-        self.repeat = repeat
-        self.switch = switch
-        self.metavar = metavar
+    name: str
+    help: str
+    parse: Callable[[str], Any] = str
+    default: Any = None
+    choices: Sequence[str] | None = None
+    repeat: bool = False
+    switch: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+    def shown_default(self) -> str:
+        if self.default is None:
+            return "not set"
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        if isinstance(self.default, list):
+            return ",".join(self.default)
+        return str(self.default)
 
 
-OPTIONS = [
+OPTIONS = (
     _Option(
         "protocol",
-        "echo, thanks, or MODULE:CALLABLE naming your own async (reader, writer) handler",
+        "echo, thanks, or MODULE:CALLABLE naming your own async (reader, writer)"
+        " handler; MODULE is imported from the current directory or PYTHONPATH",
         default="echo",
         metavar="echo|thanks|MODULE:CALLABLE",
     ),
     _Option(
         "host",
-        "address to listen on; repeat for several (the variable takes a comma-separated"
-        " list); ::1 and 0.0.0.0 work",
+        "address to listen on; repeat for several (the variable takes a"
+        " comma-separated list); ::1 and 0.0.0.0 work",
         default=[DEFAULT_HOST],
         repeat=True,
     ),
     _Option("port", "TCP port; 0 picks a free one", parse=_port, default=DEFAULT_PORT),
     _Option(
         "unix",
-        "listen on this Unix socket path instead of host and port",
+        "listen on this Unix socket path instead of host and port; a stale"
+        " socket file is replaced, any other file is an error",
         metavar="PATH",
     ),
     _Option("loop", "event loop", default="auto", choices=LOOP_NAMES),
@@ -171,24 +214,36 @@ OPTIONS = [
         "clients over this are turned away at once",
         parse=_positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
     ),
     _Option(
         "idle-timeout",
         "close a client silent for this many seconds (0 or none: never)",
         parse=_timeout,
         default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
     ),
     _Option(
         "max-message-size",
         "longest line, in bytes, the thanks protocol accepts",
         parse=_positive_int,
         default=DEFAULT_MAX_MESSAGE_SIZE,
+        metavar="BYTES",
     ),
     _Option(
         "shutdown-timeout",
         "seconds clients get at a stop to take the replies owed to them",
-        parse=_non_negative_float,
+        parse=_seconds,
         default=DEFAULT_SHUTDOWN_TIMEOUT,
+        metavar="SECONDS",
+    ),
+    _Option(
+        "proxy-protocol",
+        "expect a PROXY protocol v1/v2 header first on every connection, as a"
+        " load balancer such as HAProxy sends with send-proxy; logs then name the real client",
+        parse=_flag,
+        default=False,
+        switch=True,
     ),
     _Option("certfile", "TLS certificate chain (PEM); turns TLS on", metavar="FILE"),
     _Option("keyfile", "TLS private key (PEM), if not in the certfile", metavar="FILE"),
@@ -200,55 +255,37 @@ OPTIONS = [
         default=True,
         switch=True,
     ),
-]
+)
 
 
-def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with the built-in defaults; `_parse` lays the variables over them."""
     parser = argparse.ArgumentParser(
         prog="aioserver",
-        description="Serve the echo or thank-you protocol (or your handler) over TCP.",
+        description="Serve the echo or thank-you protocol (or your handler) over TCP."
+        " SIGINT or SIGTERM stops it gracefully; a second one stops it at once.",
         epilog="Every option can also be set by the environment variable shown;"
-        " a flag wins over the variable.",
+        " a flag wins over the variable, an empty variable counts as unset.",
     )
     for option in OPTIONS:
-        default = option.default
-        if option.env in environ:
-            raw = environ[option.env]
-            try:
-                if option.repeat:
-                    default = [part.strip() for part in raw.split(",") if part.strip()]
-                else:
-                    default = option.parse(raw)
-            except (ValueError, argparse.ArgumentTypeError) as error:
-                parser.error(f"{option.env}={raw!r}: {error}")
-            if option.choices is not None and default not in option.choices:
-                parser.error(f"{option.env}={raw!r}: choose from {', '.join(option.choices)}")
-        shown = ",".join(default) if isinstance(default, list) else default
-        help_text = f"{option.help} [env {option.env}; default {shown}]"
+        help_text = f"{option.help} [env {option.env}; default {option.shown_default()}]"
         if option.switch:
             parser.add_argument(
                 f"--{option.name}",
-                dest=option.dest,
                 action=argparse.BooleanOptionalAction,
-                default=default,
+                default=option.default,
                 help=help_text,
             )
         elif option.repeat:
+            # None, not the default list: "append" would add to the default.
             parser.add_argument(
-                f"--{option.name}",
-                dest=option.dest,
-                action="append",
-                default=None,
-                metavar=option.metavar,
-                help=help_text,
+                f"--{option.name}", action="append", metavar=option.metavar, help=help_text
             )
-            parser.set_defaults(**{f"{option.dest}_default": default})
         else:
             parser.add_argument(
                 f"--{option.name}",
-                dest=option.dest,
                 type=option.parse,
-                default=default,
+                default=option.default,
                 choices=option.choices,
                 metavar=option.metavar,
                 help=help_text,
@@ -257,18 +294,66 @@ def build_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, environ: Mapping[str, str]
+) -> argparse.Namespace:
+    """Parse argv over defaults taken from the environment."""
+
+    def bad_variable(option: _Option, raw: str, why: object) -> NoReturn:
+        parser.error(f"{option.env}={raw!r}: {why}")
+
+    repeated: dict[str, list[str]] = {}
+    for option in OPTIONS:
+        raw = environ.get(option.env, "")
+        if not raw:
+            continue
+        if option.repeat:
+            repeated[option.dest] = [part.strip() for part in raw.split(",") if part.strip()]
+            continue
+        try:
+            value = option.parse(raw)
+        except argparse.ArgumentTypeError as error:
+            bad_variable(option, raw, error)
+        if option.choices is not None and value not in option.choices:
+            bad_variable(option, raw, f"choose from {', '.join(option.choices)}")
+        parser.set_defaults(**{option.dest: value})
+    args = parser.parse_args(argv)
+    for option in OPTIONS:
+        if option.repeat and getattr(args, option.dest) is None:
+            setattr(args, option.dest, repeated.get(option.dest) or option.default)
+    return args
+
+
+def _no_password() -> str:
+    raise StartupError("the TLS private key is encrypted, and aioserver asks for no password")
+
+
 def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from PEM files, or None without a certfile."""
     if certfile is None:
         if keyfile is not None:
             raise StartupError("--keyfile needs --certfile")
         return None
+    for kind, path in (("certificate", certfile), ("private key", keyfile)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise StartupError(f"cannot read TLS {kind} {path}: {error.strerror}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as error:
-        raise StartupError(f"TLS file not found: {error.filename}") from None
-    except (ssl.SSLError, OSError) as error:
-        raise StartupError(f"cannot load TLS certificate {certfile!r}: {error}") from None
+        context.load_cert_chain(certfile, keyfile, password=_no_password)
+    except ssl.SSLError as error:
+        files = certfile if keyfile is None else f"{certfile} and {keyfile}"
+        if error.reason == "KEY_VALUES_MISMATCH":
+            why = "the private key does not match the certificate"
+        elif "PEM lib" in str(error):
+            why = "no PEM certificate with its private key found"
+        else:
+            why = str(error.reason or error)
+        raise StartupError(f"cannot load TLS certificate from {files}: {why}") from None
     return context
 
 
@@ -278,50 +363,68 @@ def _print_listening(server: Server) -> None:
 
 
 def _bind_error(error: OSError, args: argparse.Namespace) -> str:
-    where = args.unix if args.unix is not None else ", ".join(f"{h}:{args.port}" for h in args.host)
-    reason = error.strerror or str(error)
+    """One line on why listening failed, naming the address."""
+    if args.unix is not None:
+        where = format_address(args.unix)
+    else:
+        where = ", ".join(format_address((host, args.port)) for host in args.host)
     if isinstance(error, PermissionError):
-        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+        reason = "permission denied"
+        if args.unix is None and 0 < args.port < 1024:
+            reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    elif error.errno in BIND_REASONS:
+        reason = BIND_REASONS[error.errno]
+    else:
+        reason = error.strerror or str(error)
     return f"cannot listen on {where}: {reason}"
 
 
-def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    """Run the command; return its exit status."""
-    environ = dict(os.environ if environ is None else environ)
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    args.host = args.host or args.host_default
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _fail(message: str) -> int:
+    print(f"aioserver: error: {message}", file=sys.stderr)
+    return EXIT_CANNOT_START
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command with `argv` (default sys.argv) and `environ` (default
+    os.environ); return its exit status. Argument errors exit 2 via SystemExit.
+    """
+    args = _parse(build_parser(), argv, os.environ if environ is None else environ)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("aioserver.access").disabled = not args.access_log
     try:
-        handler = load_handler(args.protocol)
-        context = _tls_context(args.certfile, args.keyfile)
-        loop_name = resolve_loop(args.loop)
-    except (StartupError, RuntimeError) as error:
-        print(f"aioserver: error: {error}", file=sys.stderr)
-        return 1
-    logger.info("aioserver %s: protocol %s on the %s loop", __version__, args.protocol, loop_name)
-    try:
-        run(
-            handler,
-            loop=loop_name,
-            on_start=_print_listening,
-            host=args.host,
-            port=args.port,
-            unix=args.unix,
-            backlog=args.backlog,
-            reuse_port=args.reuse_port,
-            max_connections=args.max_connections,
-            idle_timeout=args.idle_timeout,
-            max_message_size=args.max_message_size,
-            shutdown_timeout=args.shutdown_timeout,
-            ssl=context,
+        if ":" in args.protocol and not {"", os.getcwd()} & set(sys.path):
+            # As uvicorn does: a module in the current directory is found, also
+            # from the console script, whose sys.path starts with its own directory.
+            sys.path.insert(0, os.getcwd())
+        try:
+            handler = load_handler(args.protocol)
+            context = _tls_context(args.certfile, args.keyfile)
+            loop_name = resolve_loop(args.loop)
+        except (StartupError, RuntimeError) as error:
+            return _fail(str(error))
+        logger.info(
+            "aioserver %s: protocol %s on the %s loop", __version__, args.protocol, loop_name
         )
-    except OSError as error:
-        print(f"aioserver: error: {_bind_error(error, args)}", file=sys.stderr)
-        return 1
-    return 0
+        try:
+            run(
+                handler,
+                loop=loop_name,
+                on_start=_print_listening,
+                host=args.host,
+                port=args.port,
+                unix=args.unix,
+                backlog=args.backlog,
+                reuse_port=args.reuse_port,
+                max_connections=args.max_connections,
+                idle_timeout=args.idle_timeout,
+                max_message_size=args.max_message_size,
+                shutdown_timeout=args.shutdown_timeout,
+                proxy_protocol=args.proxy_protocol,
+                ssl=context,
+            )
+        except OSError as error:
+            return _fail(_bind_error(error, args))
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers were in place (or after they left).
+        return EXIT_INTERRUPTED
+    return EXIT_OK

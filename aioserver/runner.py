@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from .protocols import Handler
 from .server import Server
 
 __all__ = ["STOP_SIGNALS", "run"]
+
+logger = logging.getLogger("aioserver")
 
 # A service manager stops with SIGTERM, a person with Ctrl-C (SIGINT).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -29,9 +32,15 @@ def run(
 
     `loop` is "auto" (uvloop when it imports), "asyncio" or "uvloop"; the other
     options are those of `Server`. `on_start(server)` is called once the server
-    accepts. In the main thread, the first SIGINT or SIGTERM stops the server
-    gracefully (as `Server.stop()` does) and a second one during that stop aborts
-    the remaining connections at once. Errors from binding (OSError) propagate.
+    accepts. Errors from binding (OSError) propagate.
+
+    In the main thread, SIGINT and SIGTERM are handled from before `on_start`
+    is called until `run` returns. The first stops the server gracefully, by
+    cancelling `serve_forever()` (replies owed are flushed within
+    shutdown_timeout); a second one during that stop cancels the stop, which
+    aborts the connections left at once. Either way `run` then returns normally.
+    Outside the main thread no signal is handled and it serves until the process
+    ends.
     """
     factory = loop_factory(loop)
     server = Server(handler, **options)
@@ -42,23 +51,42 @@ def run(
 async def _serve_until_signalled(
     server: Server, on_start: Callable[[Server], object] | None
 ) -> None:
-    await server.start()
-    if on_start is not None:
-        on_start(server)
-    serving = asyncio.create_task(server.serve_forever())
-    if threading.current_thread() is not threading.main_thread():
-        await serving
-        return
     loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        # Each signal cancels the serving task: the first starts a graceful stop,
-        # a second cancels that stop, which aborts what is left.
-        loop.add_signal_handler(signum, serving.cancel)
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+    for signum in handled:
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        await serving
-    except asyncio.CancelledError:
+        await server.start()
+        if on_start is not None:
+            on_start(server)
+        serving = asyncio.create_task(server.serve_forever())
+        first = await _next_signal(signals, serving)
+        if first is not None:
+            logger.info("%s received: stopping (send it again to stop at once)", first.name)
+            serving.cancel()
+            # The cancellation reaches serve_forever before this task runs again
+            # (call_soon order), so a second one lands inside stop() and aborts.
+            second = await _next_signal(signals, serving)
+            if second is not None:
+                logger.warning("%s received again: closing every connection now", second.name)
+                serving.cancel()
+                await asyncio.wait({serving})
         if not serving.cancelled():
-            raise  # cancelled from outside, not by a signal
+            serving.result()
     finally:
-        for signum in STOP_SIGNALS:
+        for signum in handled:
             loop.remove_signal_handler(signum)
+
+
+async def _next_signal(
+    signals: asyncio.Queue[signal.Signals], serving: asyncio.Task[None]
+) -> signal.Signals | None:
+    """The next stop signal, or None if `serving` ends first."""
+    getter = asyncio.create_task(signals.get())
+    try:
+        await asyncio.wait({getter, serving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter.done() else None
