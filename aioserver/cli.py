@@ -245,6 +245,14 @@ OPTIONS = (
         default=False,
         switch=True,
     ),
+    _Option(
+        "workers",
+        "worker processes sharing the listening sockets, each with its own event loop;"
+        " 1 serves from this process",
+        parse=_positive_int,
+        default=1,
+        metavar="N",
+    ),
     _Option("certfile", "TLS certificate chain (PEM); turns TLS on", metavar="FILE"),
     _Option("keyfile", "TLS private key (PEM), if not in the certfile", metavar="FILE"),
     _Option("log-level", "log level on stderr", default="info", choices=LOG_LEVELS),
@@ -421,6 +429,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 shutdown_timeout=args.shutdown_timeout,
                 proxy_protocol=args.proxy_protocol,
                 ssl=context,
+                workers=args.workers,
             )
         except OSError as error:
             return _fail(_bind_error(error, args))

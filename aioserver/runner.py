@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -12,11 +14,14 @@ from typing import Any
 from .loops import loop_factory
 from .protocols import Handler
 from .server import Server
+from .workers import bind_sockets, supervise
 
 __all__ = ["STOP_SIGNALS", "run"]
 
 logger = logging.getLogger("aioserver")
 
+# The options that say what to listen on: with workers, the supervisor binds.
+BIND_OPTIONS = ("host", "port", "unix", "backlog", "reuse_port")
 # A service manager stops with SIGTERM, a person with Ctrl-C (SIGINT).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -26,6 +31,7 @@ def run(
     *,
     loop: str = "auto",
     on_start: Callable[[Server], object] | None = None,
+    workers: int = 1,
     **options: Any,
 ) -> None:
     """Serve `handler` on a new event loop until stopped, then return.
@@ -41,11 +47,46 @@ def run(
     aborts the connections left at once. Either way `run` then returns normally.
     Outside the main thread no signal is handled and it serves until the process
     ends.
+
+    With `workers` above 1, this process binds the sockets, calls `on_start`
+    with a Server describing them, and supervises that many forked worker
+    processes serving them (see `aioserver.workers.supervise`); it returns once
+    a SIGINT or SIGTERM has stopped them all.
     """
+    if workers != 1:
+        _supervise(handler, loop, on_start, workers, options)
+        return
     factory = loop_factory(loop)
     server = Server(handler, **options)
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve_until_signalled(server, on_start))
+
+
+def _supervise(
+    handler: Handler,
+    loop: str,
+    on_start: Callable[[Server], object] | None,
+    workers: int,
+    options: dict[str, Any],
+) -> None:
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    loop_factory(loop)  # an unknown or missing loop fails here, once
+    bind = {name: options.pop(name) for name in BIND_OPTIONS if name in options}
+    sockets = bind_sockets(**bind)
+    try:
+        described = Server(handler, sockets=sockets, **options)
+        if on_start is not None:
+            on_start(described)
+        supervise(
+            workers,
+            sockets,
+            lambda inherited: run(handler, loop=loop, sockets=inherited, **options),
+        )
+    finally:
+        if bind.get("unix") is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(bind["unix"])
 
 
 async def _serve_until_signalled(

@@ -433,9 +433,12 @@ class Server:
 
     @property
     def sockets(self) -> list[socket.socket]:
-        """Every listening socket (empty before start and after stop)."""
+        """Every listening socket: the ones given, or those bound at start; none
+        after a stop."""
         if self._stopping:
             return []
+        if not self._servers:
+            return list(self.listen_sockets)
         return [sock for server in self._servers for sock in server.sockets]
 
     @property
