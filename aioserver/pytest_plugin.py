@@ -1,1 +1,292 @@
-"""pytest fixtures over aioserver.testing (registered through the pytest11 entry point)."""
+"""pytest fixtures over aioserver.testing (registered through the pytest11 entry point).
+
+Installing aioserver is enough: pytest loads this plugin by its `pytest11` entry
+point. Every fixture is function-scoped and yields a started server.
+
+For asyncio tests (pytest-asyncio 1.x, strict or auto mode):
+
+- `echo_server`, `thanks_server`: a `TestServer` with the built-in protocol.
+- `server_factory`: `await server_factory(handler, **options)` starts a
+  `TestServer` with any handler and the options of TestServer.
+
+They run on the event loop of the test that uses them, whatever its loop scope
+(`@pytest.mark.asyncio(loop_scope=...)` or `asyncio_default_test_loop_scope`), so
+a module- or session-scoped loop works as well as the default. A synchronous test
+that asks for one fails at setup, saying to use the threaded fixture.
+
+For any test, synchronous or not, with no pytest-asyncio needed:
+
+- `threaded_echo_server`, `threaded_thanks_server`: a `ThreadedTestServer`.
+- `threaded_server_factory`: `threaded_server_factory(handler, **options)`.
+
+At teardown every server is stopped through `aioserver.Server.stop()`, on its own
+loop: the listening socket closes, every connection task is cancelled and awaited,
+no task, socket or thread is left and nothing warns.
+
+A server with a wider scope than a test is one the test project makes itself:
+`async with TestServer(...)` in a fixture with that scope and loop scope. A test
+on another loop that uses it fails with WrongLoopError (or, for a synchronous
+test, a failure naming the fixture) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from typing import Literal, Unpack, cast
+
+import pytest
+
+from .protocols import Handler, echo, thanks
+from .testing import ServerOptions, TestServer, ThreadedTestServer, WrongLoopError
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the threaded fixtures work without it
+    HAVE_PYTEST_ASYNCIO = False
+else:
+    HAVE_PYTEST_ASYNCIO = True
+
+__all__ = [
+    "ServerFactory",
+    "ThreadedServerFactory",
+    "echo_server",
+    "server_factory",
+    "thanks_server",
+    "threaded_echo_server",
+    "threaded_server_factory",
+    "threaded_thanks_server",
+]
+
+LoopScope = Literal["function", "class", "module", "package", "session"]
+LOOP_SCOPES: tuple[LoopScope, ...] = ("function", "class", "module", "package", "session")
+
+
+class ServerFactory:
+    """Starts TestServers on the loop it was made on; `aclose()` stops them all.
+
+    The `server_factory` fixture is one, closed at the end of the test.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.servers: list[TestServer] = []
+
+    async def __call__(
+        self, handler: Handler = echo, **options: Unpack[ServerOptions]
+    ) -> TestServer:
+        """A started TestServer(handler, **options); OSError if it cannot bind."""
+        if asyncio.get_running_loop() is not self.loop:
+            raise WrongLoopError(
+                "server_factory: called from another event loop than the test's; "
+                "servers it makes run on the loop of the test that asked for it"
+            )
+        server = TestServer(handler, **options)
+        await server.start()
+        self.servers.append(server)
+        return server
+
+    async def aclose(self) -> None:
+        """Stop every server made, the last first, even if a stop fails.
+
+        `servers` still lists them afterwards, stopped; calling again is harmless.
+        """
+        await _stop_all_async(list(reversed(self.servers)))
+
+
+class ThreadedServerFactory:
+    """Starts ThreadedTestServers; `close()` stops them all.
+
+    The `threaded_server_factory` fixture is one, closed at the end of the test.
+    """
+
+    def __init__(self) -> None:
+        self.servers: list[ThreadedTestServer] = []
+
+    def __call__(
+        self, handler: Handler = echo, *, loop: str = "auto", **options: Unpack[ServerOptions]
+    ) -> ThreadedTestServer:
+        """A started ThreadedTestServer(handler, loop=loop, **options)."""
+        server = ThreadedTestServer(handler, loop=loop, **options).start()
+        self.servers.append(server)
+        return server
+
+    def close(self) -> None:
+        """Stop every server made, the last first, even if a stop fails.
+
+        `servers` still lists them afterwards, stopped; calling again is harmless.
+        """
+        _stop_all(list(reversed(self.servers)))
+
+
+async def _stop_all_async(servers: list[TestServer]) -> None:
+    if not servers:
+        return
+    try:
+        await servers[0].stop()
+    finally:
+        await _stop_all_async(servers[1:])
+
+
+def _stop_all(servers: list[ThreadedTestServer]) -> None:
+    if not servers:
+        return
+    try:
+        servers[0].stop()
+    finally:
+        _stop_all(servers[1:])
+
+
+# In-loop fixtures. Each public fixture picks, by the loop scope of the test that
+# asks for it, one of the variants below: an async fixture with that loop scope,
+# so pytest-asyncio runs it (setup, teardown) on the test's own loop.
+
+InLoopKind = Literal["echo_server", "thanks_server", "server_factory"]
+
+
+def _variant_name(kind: InLoopKind, scope: LoopScope) -> str:
+    return f"_aioserver_{kind}_on_{scope}_loop"
+
+
+def _is_async_test(item: pytest.Item) -> bool:
+    if HAVE_PYTEST_ASYNCIO and item.config.pluginmanager.has_plugin("asyncio"):
+        return pytest_asyncio.is_async_test(item)
+    return inspect.iscoroutinefunction(getattr(item, "obj", None))
+
+
+def _test_loop_scope(item: pytest.Item) -> LoopScope:
+    marker = item.get_closest_marker("asyncio")
+    scope = None
+    if marker is not None:
+        scope = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")
+    if scope is None:
+        try:
+            scope = item.config.getini("asyncio_default_test_loop_scope")
+        except ValueError:  # pragma: no cover - a pytest-asyncio without the option
+            scope = None
+    if scope not in LOOP_SCOPES:
+        return "function"
+    return cast(LoopScope, scope)
+
+
+def _on_test_loop(request: pytest.FixtureRequest, kind: InLoopKind) -> object:
+    if not HAVE_PYTEST_ASYNCIO or not request.config.pluginmanager.has_plugin("asyncio"):
+        pytest.fail(
+            f"{kind} runs on the event loop of an asyncio test and needs pytest-asyncio "
+            f"(pip install 'pytest-asyncio>=1,<2'); use threaded_{kind} without it",
+            pytrace=False,
+        )
+    item = request.node
+    if not isinstance(item, pytest.Item) or not pytest_asyncio.is_async_test(item):
+        pytest.fail(
+            f"{kind} runs on the event loop of an asyncio test, but {request.node.nodeid} "
+            "is not one (a synchronous test, or an async test without "
+            "@pytest.mark.asyncio in strict mode); a synchronous test uses "
+            f"threaded_{kind}",
+            pytrace=False,
+        )
+    return request.getfixturevalue(_variant_name(kind, _test_loop_scope(item)))
+
+
+def _define_variants() -> None:
+    for scope in LOOP_SCOPES:
+        for kind in ("echo_server", "thanks_server"):
+            _define_server_variant(kind, scope)
+        _define_factory_variant(scope)
+
+
+def _define_server_variant(kind: Literal["echo_server", "thanks_server"], scope: LoopScope) -> None:
+    handler = echo if kind == "echo_server" else thanks
+
+    async def variant() -> AsyncIterator[TestServer]:
+        async with TestServer(handler) as server:
+            yield server
+
+    name = _variant_name(kind, scope)
+    globals()[name] = pytest_asyncio.fixture(variant, name=name, loop_scope=scope)
+
+
+def _define_factory_variant(scope: LoopScope) -> None:
+    async def variant() -> AsyncIterator[ServerFactory]:
+        factory = ServerFactory()
+        try:
+            yield factory
+        finally:
+            await factory.aclose()
+
+    name = _variant_name("server_factory", scope)
+    globals()[name] = pytest_asyncio.fixture(variant, name=name, loop_scope=scope)
+
+
+if HAVE_PYTEST_ASYNCIO:
+    _define_variants()
+
+
+@pytest.fixture
+def echo_server(request: pytest.FixtureRequest) -> TestServer:
+    """A started echo TestServer on this asyncio test's loop, stopped after the test."""
+    return cast(TestServer, _on_test_loop(request, "echo_server"))
+
+
+@pytest.fixture
+def thanks_server(request: pytest.FixtureRequest) -> TestServer:
+    """A started thanks TestServer on this asyncio test's loop, stopped after the test."""
+    return cast(TestServer, _on_test_loop(request, "thanks_server"))
+
+
+@pytest.fixture
+def server_factory(request: pytest.FixtureRequest) -> ServerFactory:
+    """`await server_factory(handler, **options)`: TestServers stopped after the test."""
+    return cast(ServerFactory, _on_test_loop(request, "server_factory"))
+
+
+# Threaded fixtures.
+
+
+@pytest.fixture
+def threaded_echo_server() -> Iterator[ThreadedTestServer]:
+    """A started echo ThreadedTestServer, stopped (thread joined) after the test."""
+    with ThreadedTestServer(echo) as server:
+        yield server
+
+
+@pytest.fixture
+def threaded_thanks_server() -> Iterator[ThreadedTestServer]:
+    """A started thanks ThreadedTestServer, stopped (thread joined) after the test."""
+    with ThreadedTestServer(thanks) as server:
+        yield server
+
+
+@pytest.fixture
+def threaded_server_factory() -> Iterator[ThreadedServerFactory]:
+    """`threaded_server_factory(handler, **options)`: servers stopped after the test."""
+    factory = ThreadedServerFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+# A synchronous test never runs an event loop, so an in-loop server from one of
+# its fixtures would never answer: say so before the test hangs on it.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    funcargs = getattr(item, "funcargs", None)
+    if not funcargs or _is_async_test(item):
+        return
+    for name, value in funcargs.items():
+        if not isinstance(value, TestServer) or not value.is_serving:
+            continue
+        loop = value.loop
+        if loop is not None and not loop.is_running():
+            pytest.fail(
+                f"{item.nodeid} is a synchronous test, but its fixture {name!r} is "
+                f"{value!r}, an in-loop server whose event loop does not run during "
+                "the test, so it would never answer. Make the test an asyncio test "
+                "on the fixture's loop, or use a ThreadedTestServer (the threaded_* "
+                "fixtures).",
+                pytrace=False,
+            )

@@ -1,0 +1,472 @@
+"""aioserver.pytest_plugin: fresh test projects that use each fixture, run by pytester.
+
+Each project runs in its own pytest process (`runpytest_subprocess`), as a project
+that installed aioserver would: the plugin comes from the pytest11 entry point,
+and the outer pytest-asyncio does not meddle with the inner one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from aioserver import thanks
+from aioserver.pytest_plugin import ServerFactory, ThreadedServerFactory
+from aioserver.testing import Ending, TestServer, ThreadedTestServer
+
+pytest_plugins = ["pytester"]
+
+# Several pytest start-ups per project; far above what they need, below the
+# per-test timeout.
+RUN_TIMEOUT = 50
+
+# Checks, after every fixture's teardown, that what it made was stopped: no task
+# left on the server's loop, no listening socket, no thread; reports the count.
+CONFTEST = """
+import asyncio
+import threading
+
+import pytest
+
+from aioserver.pytest_plugin import ServerFactory, ThreadedServerFactory
+from aioserver.testing import TestServer, ThreadedTestServer
+
+checked = []
+
+
+def pytest_fixture_post_finalizer(fixturedef, request):
+    # The fixtures that own the servers; echo_server and friends hand them on.
+    owner = fixturedef.argname.startswith(("_aioserver_", "threaded_"))
+    cached = fixturedef.cached_result
+    if not owner or cached is None or cached[2] is not None:
+        return
+    value = cached[0]
+    if isinstance(value, (ServerFactory, ThreadedServerFactory)):
+        servers = value.servers
+    else:
+        servers = [value]
+    for server in servers:
+        if isinstance(server, TestServer):
+            assert not server.is_serving
+            assert server.server.sockets == []
+            pending = [task for task in asyncio.all_tasks(server.loop) if not task.done()]
+            assert pending == [], pending
+            checked.append(server)
+        elif isinstance(server, ThreadedTestServer):
+            assert not server.is_serving
+            assert server.loop is None
+            assert "aioserver-test-server" not in [t.name for t in threading.enumerate()]
+            checked.append(server)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"aioserver servers checked after teardown: {len(checked)}")
+"""
+
+UVLOOP_CONFTEST = (
+    CONFTEST
+    + """
+
+import uvloop
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+"""
+)
+
+HELPERS = """
+import asyncio
+import socket
+
+import pytest
+
+from aioserver import thanks
+from aioserver.testing import Ending, Faults, TestServer
+
+
+async def talk(address, data):
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(data)
+    writer.write_eof()
+    reply = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return reply
+
+
+def talk_blocking(address, data):
+    with socket.create_connection(address) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def check_echo(server):
+    assert server.loop is asyncio.get_running_loop()
+    assert await talk(server.address, b"ping") == b"ping"
+    (record,) = await server.wait_for_closed(1)
+    assert record.received == record.sent == b"ping"
+    assert record.ended is Ending.CLIENT_CLOSED
+
+
+async def check_thanks(server):
+    assert server.loop is asyncio.get_running_loop()
+    assert await talk(server.address, b"hi\\n") == b"Thank you for your message hi\\n"
+    assert await server.wait_for_messages(1) == [b"hi\\n"]
+
+
+async def check_factory(server_factory):
+    async def greet(reader, writer):
+        writer.write(b"hello " + await reader.readline())
+        writer.close()
+        await writer.wait_closed()
+
+    greeter = await server_factory(greet)
+    slow = await server_factory(thanks, faults=Faults(delay=0.05), max_message_size=16)
+    assert greeter.loop is slow.loop is asyncio.get_running_loop()
+    assert await talk(greeter.address, b"you\\n") == b"hello you\\n"
+    assert await talk(slow.address, b"x\\n") == b"Thank you for your message x\\n"
+"""
+
+# Async tests in strict mode: markers choose function, class, module and session
+# loops; a project fixture builds on a plugin fixture; a wider-scoped server is
+# made by the project itself, on its fixture's loop.
+STRICT_TESTS = (
+    HELPERS
+    + """
+import pytest_asyncio
+
+loops = {}
+
+
+@pytest.mark.asyncio
+async def test_echo_server(echo_server):
+    await check_echo(echo_server)
+
+
+@pytest.mark.asyncio
+async def test_thanks_server(thanks_server):
+    await check_thanks(thanks_server)
+
+
+@pytest.mark.asyncio
+async def test_server_factory(server_factory):
+    await check_factory(server_factory)
+
+
+@pytest_asyncio.fixture
+async def connected(echo_server):
+    reader, writer = await asyncio.open_connection(*echo_server.address)
+    yield reader, writer
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_project_fixture_over_a_plugin_fixture(connected, echo_server):
+    reader, writer = connected
+    writer.write(b"abc")
+    assert await reader.readexactly(3) == b"abc"
+    assert len(echo_server.connections) == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_module_loop(echo_server, thanks_server, server_factory):
+    loops["module"] = asyncio.get_running_loop()
+    await check_echo(echo_server)
+    await check_thanks(thanks_server)
+    await check_factory(server_factory)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_module_loop_again(echo_server):
+    assert asyncio.get_running_loop() is loops["module"]
+    assert echo_server.connections == []  # a new server for every test
+    await check_echo(echo_server)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_session_loop(echo_server, thanks_server, server_factory):
+    assert asyncio.get_running_loop() is not loops["module"]
+    await check_echo(echo_server)
+    await check_thanks(thanks_server)
+    await check_factory(server_factory)
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestClassLoop:
+    async def test_one(self, echo_server):
+        loops["class"] = asyncio.get_running_loop()
+        await check_echo(echo_server)
+
+    async def test_two(self, thanks_server):
+        assert asyncio.get_running_loop() is loops["class"]
+        await check_thanks(thanks_server)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_server():
+    async with TestServer(thanks) as server:
+        yield server
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_shared_server_first(shared_server):
+    await check_thanks(shared_server)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_shared_server_second(shared_server):
+    assert len(shared_server.connections) == 1
+    assert await talk(shared_server.address, b"again\\n") == (
+        b"Thank you for your message again\\n"
+    )
+"""
+)
+
+# Synchronous tests and a non-asyncio client: the threaded fixtures.
+SYNC_TESTS = (
+    HELPERS
+    + """
+
+def test_threaded_echo_server(threaded_echo_server):
+    assert talk_blocking(threaded_echo_server.address, b"ping") == b"ping"
+    (record,) = threaded_echo_server.wait_for_closed(1)
+    assert record.received == b"ping"
+
+
+def test_threaded_thanks_server(threaded_thanks_server):
+    assert talk_blocking(threaded_thanks_server.address, b"a\\nb\\n") == (
+        b"Thank you for your message a\\nThank you for your message b\\n"
+    )
+    assert threaded_thanks_server.wait_for_messages(2) == [b"a\\n", b"b\\n"]
+
+
+def test_threaded_server_factory(threaded_server_factory):
+    flaky = threaded_server_factory(thanks, loop="asyncio", faults=Faults(close_after=10))
+    assert talk_blocking(flaky.address, b"long enough\\n") == b"Thank you "
+    flaky.refuse_connections()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(flaky.address)
+    flaky.accept_connections()
+    flaky.faults.clear()
+    assert talk_blocking(flaky.address, b"x\\n") == b"Thank you for your message x\\n"
+"""
+)
+
+# Auto mode: no markers at all, so the loop is the default test loop scope.
+AUTO_TESTS = (
+    HELPERS
+    + """
+loops = set()
+
+
+async def test_echo_server(echo_server):
+    loops.add(asyncio.get_running_loop())
+    await check_echo(echo_server)
+
+
+async def test_thanks_server(thanks_server):
+    loops.add(asyncio.get_running_loop())
+    await check_thanks(thanks_server)
+
+
+async def test_server_factory(server_factory):
+    loops.add(asyncio.get_running_loop())
+    await check_factory(server_factory)
+
+
+async def test_threaded_server_in_an_async_test(threaded_echo_server):
+    assert await talk(threaded_echo_server.address, b"any loop") == b"any loop"
+
+
+def test_loops_seen(pytestconfig):
+    expected = 1 if pytestconfig.getini("asyncio_default_test_loop_scope") == "session" else 3
+    assert len(loops) == expected
+"""
+)
+
+# Misuse that must fail with a message that says what to do.
+MISUSE_TESTS = (
+    HELPERS
+    + """
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_server():
+    async with TestServer() as server:
+        yield server
+
+
+@pytest.mark.asyncio
+async def test_function_loop_uses_module_loop_server(module_server):
+    await talk(module_server.address, b"never answered")
+
+
+def test_sync_test_uses_module_loop_server(module_server):
+    talk_blocking(module_server.address, b"never answered")
+
+
+def test_sync_test_asks_for_an_in_loop_fixture(echo_server):
+    pass
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_right_loop_still_works(module_server):
+    assert await talk(module_server.address, b"ok") == b"ok"
+"""
+)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    """The test module in the README's "Use it in your tests" section."""
+    section = README.read_text().split("## Use it in your tests", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def make_project(pytester: pytest.Pytester, ini: str, conftest: str = CONFTEST) -> None:
+    pytester.makeini("[pytest]\nfilterwarnings = error\n" + ini)
+    pytester.makeconftest(conftest)
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=RUN_TIMEOUT)
+
+
+STRICT_INI = "asyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+
+
+def test_strict_mode_with_every_loop_scope(pytester: pytest.Pytester) -> None:
+    make_project(pytester, STRICT_INI)
+    pytester.makepyfile(test_async=STRICT_TESTS, test_sync=SYNC_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(passed=14)
+    # 16 in-loop servers (the project's own shared one aside) and 3 threaded ones.
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 19"])
+
+
+def test_strict_mode_on_asyncio_and_uvloop(pytester: pytest.Pytester) -> None:
+    make_project(pytester, STRICT_INI, UVLOOP_CONFTEST)
+    pytester.makepyfile(test_async=STRICT_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(passed=22)
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 32"])
+
+
+@pytest.mark.parametrize(
+    ("fixture_loop_scope", "test_loop_scope"),
+    [("function", "function"), ("session", "function"), ("function", "session")],
+    ids=["default", "wide-fixture-default", "session-tests"],
+)
+def test_auto_mode(
+    pytester: pytest.Pytester, fixture_loop_scope: str, test_loop_scope: str
+) -> None:
+    make_project(
+        pytester,
+        "asyncio_mode = auto\n"
+        f"asyncio_default_fixture_loop_scope = {fixture_loop_scope}\n"
+        f"asyncio_default_test_loop_scope = {test_loop_scope}\n",
+    )
+    pytester.makepyfile(test_auto=AUTO_TESTS, test_sync=SYNC_TESTS)
+    result = run(pytester)
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 8"])
+
+
+def test_threaded_fixtures_need_no_pytest_asyncio(pytester: pytest.Pytester) -> None:
+    make_project(pytester, "")
+    pytester.makepyfile(
+        test_sync=SYNC_TESTS
+        + """
+
+def test_in_loop_fixture_without_pytest_asyncio(echo_server):
+    pass
+"""
+    )
+    result = run(pytester, "-p", "no:asyncio")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*echo_server runs on the event loop of an asyncio test and needs pytest-asyncio*"]
+    )
+
+
+def test_misuse_fails_with_a_clear_message(pytester: pytest.Pytester) -> None:
+    make_project(pytester, STRICT_INI)
+    pytester.makepyfile(test_misuse=MISUSE_TESTS)
+    result = run(pytester, "-rfE")
+    result.assert_outcomes(passed=1, failed=2, errors=1)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*WrongLoopError: port: <TestServer echo 127.0.0.1:* serving> runs on the event "
+            "loop it was started on*",
+            "*test_sync_test_uses_module_loop_server is a synchronous test, but its fixture "
+            "'module_server' is <TestServer echo*an in-loop server whose event loop does not "
+            "run during the test*",
+            "*echo_server runs on the event loop of an asyncio test, but "
+            "test_misuse.py::test_sync_test_asks_for_an_in_loop_fixture is not one*"
+            "threaded_echo_server*",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*attached to a different loop*")
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_the_readme_example_passes(pytester: pytest.Pytester, mode: str) -> None:
+    make_project(
+        pytester, f"asyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(test_readme=readme_example())
+    result = run(pytester)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 3"])
+
+
+# The fixtures in this very suite too: strict mode, each test on asyncio and uvloop.
+
+
+@pytest.mark.asyncio
+async def test_fixtures_in_process(
+    echo_server: TestServer, thanks_server: TestServer, server_factory: ServerFactory
+) -> None:
+    loop = asyncio.get_running_loop()
+    assert echo_server.loop is thanks_server.loop is loop
+    reader, writer = await asyncio.open_connection(*echo_server.address)
+    writer.write(b"echo")
+    assert await reader.readexactly(4) == b"echo"
+    writer.close()
+    await writer.wait_closed()
+    custom = await server_factory(thanks, max_message_size=8)
+    reader, writer = await asyncio.open_connection(*custom.address)
+    writer.write(b"far too long\n")
+    assert await reader.read() == b"Error: message longer than 8 bytes\n"
+    writer.close()
+    await writer.wait_closed()
+    (record,) = await custom.wait_for_closed(1)
+    assert record.ended is Ending.SERVER_CLOSED
+    assert server_factory.servers == [custom]
+
+
+def test_threaded_fixtures_in_process(
+    threaded_thanks_server: ThreadedTestServer, threaded_server_factory: ThreadedServerFactory
+) -> None:
+    echo_server = threaded_server_factory(loop="asyncio")
+    for server, reply in [
+        (threaded_thanks_server, b"Thank you for your message hi\n"),
+        (echo_server, b"hi\n"),
+    ]:
+        with socket.create_connection(server.address) as sock:
+            sock.sendall(b"hi\n")
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(64) == reply
+    assert threaded_server_factory.servers == [echo_server]
