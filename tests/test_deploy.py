@@ -221,7 +221,7 @@ def test_the_systemd_unit_command_stops_cleanly_on_its_kill_signal() -> None:
             started = time.monotonic()
             process.send_signal(kill_signal)
             assert client.recv(100) == b""
-        out, err = process.communicate(timeout=stop_timeout)
+        _, err = process.communicate(timeout=stop_timeout)
         assert time.monotonic() - started < stop_timeout
     finally:
         if process.poll() is None:
