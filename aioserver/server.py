@@ -17,7 +17,7 @@ import os
 import socket
 import ssl as ssl_module
 import stat
-import time
+import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -71,8 +71,19 @@ IDLE_SWEEPS_PER_TIMEOUT = 10
 # ...but not more often than this, whatever the timeout: each sweep visits every
 # connection.
 MIN_SWEEP_INTERVAL = 0.01
-# One warning a second at most while clients are being turned away.
-REJECT_WARNING_INTERVAL = 1.0
+# A burst of clients turned away (one warning as it starts, one line summing it
+# up) ends after this long without one: longer than the 1 s asyncio's loop waits
+# to accept again when out of descriptors, so that pause does not split a burst.
+TURN_AWAY_BURST_GAP = 2.0
+# At a stop or after an oversize line, a client still sending gets this long of
+# silence to notice the server's EOF before the socket is closed: closing with its
+# data unread makes the kernel reset the connection, which destroys the replies
+# still on their way. nginx's lingering close, with a shorter wait since every
+# stop may wait for it.
+LINGER_TIMEOUT = 0.5
+# What asyncio's selector loop tells its exception handler when accept() fails
+# for want of descriptors or memory; it then stops accepting for a second.
+ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,8 @@ class Stats:
     total: int
     """Connections accepted (not counting the ones turned away)."""
     rejected: int
-    """Connections turned away because `max_connections` were open."""
+    """Connections turned away: `max_connections` were open, or (on asyncio's own
+    loop) the process was out of file descriptors."""
     bytes_in: int
     bytes_out: int
 
@@ -171,6 +183,28 @@ class _Connection(asyncio.Protocol):
         self.reason = self.reason or reason
         self.transport.close()
 
+    def linger(self, last: bytes = b"") -> None:
+        """Send `last`, then half-close once everything written is flushed and
+        drop what the client still sends until it closes too (see `_Lingering`).
+        Close at once when there is nothing to wait for: the transport cannot
+        half-close (TLS), or the client never sent, or it has been quiet a while
+        with every reply taken."""
+        transport = self.transport
+        if last:
+            self.bytes_out += len(last)
+            transport.write(last)
+        if transport.is_closing() or isinstance(transport.get_protocol(), _Lingering):
+            return
+        # Quiet for a whole sweep interval, with every byte sent to it taken.
+        idle = self.quiet > 1 and not transport.get_write_buffer_size()
+        idle = idle and not _unacknowledged(transport)
+        if idle or not self.bytes_in or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.set_protocol(_Lingering(self))
+        transport.resume_reading()
+
     def cancel(self, reason: str) -> None:
         """End the connection through its task, as a stop or a timeout does."""
         self.reason = self.reason or reason
@@ -195,7 +229,8 @@ class _RuleConnection(_Connection):
         try:
             reply = self.rule.feed(data)  # type: ignore[union-attr]
         except MessageTooLong as error:
-            self.end(error.reply, f"message longer than {error.limit} bytes")
+            self.reason = self.reason or f"message longer than {error.limit} bytes"
+            self.linger(error.reply)
             return
         if reply:
             self.bytes_out += len(reply)
@@ -252,6 +287,40 @@ class _HandlerConnection(_Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         self.inner.connection_lost(exc)
         super().connection_lost(exc)
+
+
+class _Lingering(asyncio.Protocol):
+    """The server has half-closed: drop what the client still sends until it
+    closes too, or falls silent for LINGER_TIMEOUT with every byte sent to it
+    acknowledged; abort after shutdown_timeout."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self.connection = connection
+        self.heard = False
+        loop = connection.loop
+        self.deadline = loop.time() + connection.server.shutdown_timeout
+        self.timer = loop.call_later(LINGER_TIMEOUT, self.check)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+
+    def eof_received(self) -> bool | None:
+        return None  # both sides are done: the transport closes
+
+    def check(self) -> None:
+        connection = self.connection
+        if connection.loop.time() >= self.deadline:
+            connection.transport.abort()
+            return
+        transport = connection.transport
+        if not (self.heard or transport.get_write_buffer_size() or _unacknowledged(transport)):
+            transport.close()
+        self.heard = False
+        self.timer = connection.loop.call_later(LINGER_TIMEOUT, self.check)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.connection.connection_lost(exc)
 
 
 class _CountingWriter(asyncio.StreamWriter):
@@ -355,7 +424,9 @@ class Server:
       socket file left by a dead server is replaced; any other file is an error.
     - backlog, reuse_port, ssl: passed to `asyncio.start_server`.
     - max_connections: a client over this is closed at once (the thanks
-      protocol first tells it "Error: server busy"); the others carry on.
+      protocol first tells it "Error: server busy"); the others carry on. Out
+      of file descriptors, new clients are closed at once too, on both loops;
+      either way one warning is logged per burst.
     - idle_timeout: seconds a client may neither send nor take replies before
       it is closed; None for never.
     - max_message_size: the longest line the thanks protocol accepts, and the
@@ -420,8 +491,10 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._total = self._rejected = self._closed_in = self._closed_out = 0
-        self._last_reject_warning = -REJECT_WARNING_INTERVAL
-        self._rejects_unreported = 0
+        self._turned_away = _TurnedAway()
+        self._accept_guard: _AcceptGuard | None = None
+        # Connections the descriptors free at start allow (None where unknown).
+        self._fd_room: int | None = None
         self._stopping = False
         self._all_ended = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -508,6 +581,9 @@ class Server:
             raise
         for address in self.addresses:
             logger.info("Listening on %s", address)
+        if isinstance(self._loop, asyncio.SelectorEventLoop):
+            self._accept_guard = _AcceptGuard(self)
+        self._fd_room = _free_fds()
         if self.idle_timeout is not None:
             self._sweep_interval = min(
                 max(self.idle_timeout / IDLE_SWEEPS_PER_TIMEOUT, MIN_SWEEP_INTERVAL), 1.0
@@ -531,8 +607,10 @@ class Server:
     async def stop(self) -> None:
         """Stop: close the listeners, cancel and await every connection task.
 
-        Each connection flushes what was written to it within shutdown_timeout,
-        then is aborted. A stop with only idle clients returns at once. Calling it
+        Each connection flushes what was written to it and half-closes; a client
+        still sending gets until it closes too or falls silent (LINGER_TIMEOUT),
+        and everything is bounded by shutdown_timeout, after which the connection
+        is aborted. A stop with only idle clients returns at once. Calling it
         again, or while it runs, just waits for the first call. Cancelling a stop
         aborts every connection at once and re-raises the cancellation.
         """
@@ -559,6 +637,9 @@ class Server:
             if self.unix is not None and self._servers:
                 with contextlib.suppress(OSError):
                     os.unlink(self.unix)
+            if self._accept_guard is not None:
+                self._accept_guard.remove()
+            self._turned_away.end(final=True)
             self._servers.clear()
             self._stopped.set()
             logger.info("Stopped")
@@ -607,6 +688,12 @@ class Server:
             transport.set_protocol(connection)
         self._connections.add(connection)
         self._total += 1
+        if len(self._connections) == self._fd_room:
+            # The next client finds no descriptor: the loop closes it unseen
+            # (uvloop) or the accept guard turns it away (asyncio).
+            self._turned_away.add(
+                self._loop, 0, f"out of file descriptors at {self._fd_room} connections"
+            )
         return self._serve(connection, reader, writer)
 
     async def _serve(
@@ -619,6 +706,7 @@ class Server:
         # normally even when cancelled: a cancelled task would make 3.11's stream
         # protocol log an error, and the cancellation was ours to give.
         task = connection.task = asyncio.current_task()
+        cancelled = False
         try:
             if connection.proxy_header is not None and not await connection.proxy_header:
                 pass  # no valid PROXY header: closed already
@@ -631,6 +719,7 @@ class Server:
                 await self.handler(reader, counting)
                 connection.reason = connection.reason or "handler returned"
         except asyncio.CancelledError:
+            cancelled = True
             if task is not None:
                 task.uncancel()
         except (ConnectionError, asyncio.IncompleteReadError, ssl_module.SSLError) as exc:
@@ -639,12 +728,15 @@ class Server:
             logger.exception("Handler failed for %s", connection.describe_peer())
             connection.reason = "handler failed"
         finally:
-            await self._close(connection)
+            await self._close(connection, linger=cancelled)
             self._forget(connection)
 
-    async def _close(self, connection: _Connection) -> None:
+    async def _close(self, connection: _Connection, *, linger: bool = False) -> None:
         transport = connection.transport
-        if not transport.is_closing():
+        if linger:
+            # Stopped or timed out: the client may be sending still.
+            connection.linger()
+        elif not transport.is_closing():
             transport.close()
         if connection.lost:
             return
@@ -683,16 +775,141 @@ class Server:
         if busy:
             transport.write(busy)
         transport.close()
-        now = time.monotonic()
-        self._rejects_unreported += 1
-        if now - self._last_reject_warning >= REJECT_WARNING_INTERVAL:
-            logger.warning(
-                "Turned away %d client(s): max_connections=%d reached",
-                self._rejects_unreported,
-                self.max_connections,
+        self._turned_away.add(self._loop, 1, f"max_connections={self.max_connections} reached")
+
+
+class _TurnedAway:
+    """Clients turned away, logged once per burst: a warning as it starts, and a
+    line with the count when TURN_AWAY_BURST_GAP passes without another."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.started = self.last = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, count: int, reason: str) -> None:
+        self.count += count
+        self.last = loop.time()
+        if self.timer is None:
+            logger.warning("Turning clients away: %s", reason)
+            self.started = self.last
+            self.timer = loop.call_later(TURN_AWAY_BURST_GAP, self.end)
+
+    def end(self, *, final: bool = False) -> None:
+        if self.timer is None:
+            return
+        self.timer.cancel()
+        if not final and self.timer.when() < self.last + TURN_AWAY_BURST_GAP:
+            self.timer = asyncio.get_running_loop().call_at(
+                self.last + TURN_AWAY_BURST_GAP, self.end
             )
-            self._last_reject_warning = now
-            self._rejects_unreported = 0
+            return
+        self.timer = None
+        if self.count:
+            logger.info("Turned away %d client(s) in %.1f s", self.count, self.last - self.started)
+        self.count = 0
+
+
+class _AcceptGuard:
+    """Out of file descriptors, asyncio's selector loop reports every failed
+    accept to the loop's exception handler (with a traceback), leaves the clients
+    waiting, and stops accepting for a second. Installed as that handler for the
+    server's life, this turns those clients away at once instead, as libuv does
+    for uvloop: it frees a reserve descriptor, accepts and closes every waiting
+    client with it, and counts them. Everything else goes to the handler it wraps.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server._loop
+        self.previous = self.loop.get_exception_handler()
+        self.reserve: int | None = _open_reserve()
+        # The loop's retry of a stopped server's listener fails: drop that too.
+        self.retry_due = 0.0
+        self.loop.set_exception_handler(self.handle)
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = context.get("message", "")
+        listener = context.get("socket")
+        fd = listener.fileno() if listener is not None else -1
+        error = context.get("exception")
+        if message == ACCEPT_OUT_OF_RESOURCES and fd in {s.fileno() for s in self.server.sockets}:
+            self.retry_due = loop.time() + 1.0
+            count = self.turn_away_waiting(fd)
+            self.server._rejected += count
+            self.server._turned_away.add(loop, count, f"cannot accept: {error}")
+            return
+        if self.server._stopping and isinstance(error, ValueError) and "_start_serving" in message:
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def turn_away_waiting(self, fd: int) -> int:
+        if self.reserve is None:
+            return 0
+        os.close(self.reserve)
+        listener = socket.socket(fileno=fd)
+        count = 0
+        try:
+            for _ in range(self.server.backlog):
+                try:
+                    client, _address = listener.accept()
+                except OSError:  # BlockingIOError once none is waiting
+                    break
+                client.close()
+                count += 1
+        finally:
+            listener.detach()
+            self.reserve = _open_reserve()
+        return count
+
+    def remove(self) -> None:
+        if self.reserve is not None:
+            os.close(self.reserve)
+            self.reserve = None
+        if self.loop.time() < self.retry_due:
+            self.loop.call_at(self.retry_due + 0.1, self.remove)
+        elif self.loop.get_exception_handler() == self.handle:
+            self.loop.set_exception_handler(self.previous)
+
+
+def _unacknowledged(transport: asyncio.BaseTransport) -> int:
+    """Bytes sent that the peer has not acknowledged yet (Linux; 0 elsewhere). A
+    reset destroys them, so a lingering connection is not closed before they go."""
+    sock = transport.get_extra_info("socket")
+    try:
+        import fcntl
+        import termios
+
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError, ValueError):
+        return 0
+    return int.from_bytes(queued, sys.byteorder)
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _free_fds() -> int | None:
+    """How many more descriptors this process may open, or None where unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        names = os.listdir("/proc/self/fd")
+    except (ImportError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    # The limit caps descriptor numbers, not their count; the listing counts the
+    # descriptor it was read through.
+    return soft - sum(1 for name in names if int(name) < soft) + 1
 
 
 def _peername(transport: asyncio.BaseTransport) -> Any:
