@@ -2,7 +2,7 @@
 
 Every test states its figures (clients, bytes, time) in its name or docstring.
 Traffic goes to 127.0.0.1 only; every server process is killed in teardown.
-Run them alone with `scripts/test -m robustness`.
+Run them alone with `.venv/bin/pytest -m robustness` (about a minute on two cores).
 """
 
 from __future__ import annotations
