@@ -199,7 +199,15 @@ class _Connection(asyncio.Protocol):
         # Quiet for a whole sweep interval, with every byte sent to it taken.
         idle = self.quiet > 1 and not transport.get_write_buffer_size()
         idle = idle and not _unacknowledged(transport)
-        if idle or not self.bytes_in or not transport.can_write_eof():
+        # Or, right now, nothing of ours in flight and nothing of the client's
+        # unread: a reset could then destroy no reply, so there is nothing to
+        # wait for. At a stop this is almost every client.
+        settled = (
+            not transport.get_write_buffer_size()
+            and _socket_queue(transport, "TIOCOUTQ") == 0
+            and _socket_queue(transport, "FIONREAD") == 0
+        )
+        if idle or settled or not self.bytes_in or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
@@ -923,14 +931,20 @@ class _AcceptGuard:
 def _unacknowledged(transport: asyncio.BaseTransport) -> int:
     """Bytes sent that the peer has not acknowledged yet (Linux; 0 elsewhere). A
     reset destroys them, so a lingering connection is not closed before they go."""
+    return _socket_queue(transport, "TIOCOUTQ") or 0
+
+
+def _socket_queue(transport: asyncio.BaseTransport, request: str) -> int | None:
+    """A socket queue's length in bytes by ioctl: TIOCOUTQ, sent but not yet
+    acknowledged; FIONREAD, received but not yet read. None where unknown."""
     sock = transport.get_extra_info("socket")
     try:
         import fcntl
         import termios
 
-        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        queued = fcntl.ioctl(sock.fileno(), getattr(termios, request), b"\0\0\0\0")
     except (ImportError, AttributeError, OSError, ValueError):
-        return 0
+        return None
     return int.from_bytes(queued, sys.byteorder)
 
 

@@ -479,11 +479,13 @@ async def test_1000_idle_connections_are_closed_by_an_idle_timeout_of_1_s_and_ot
 
 
 @pytest.mark.asyncio
-async def test_a_client_that_never_stops_sending_after_its_error_is_cut_off_after_0_5_s(
+async def test_a_client_that_never_stops_sending_after_its_error_is_cut_off_within_0_5_s(
     loop_errors: ExceptionRecorder,
 ) -> None:
     """After its error line, a client keeps sending 64 KiB writes: the server
-    drops them and resets the connection once shutdown_timeout (0.5 s) is up."""
+    closes at once if the error line is acknowledged already (nothing to lose),
+    else drops them and resets the connection once shutdown_timeout (0.5 s) is
+    up; either way the client has its whole error line first."""
     async with serve(thanks, port=0, max_message_size=1024, shutdown_timeout=0.5) as server:
         assert server.port is not None
         loop = asyncio.get_running_loop()
@@ -501,7 +503,7 @@ async def test_a_client_that_never_stops_sending_after_its_error_is_cut_off_afte
 
             with pytest.raises(ConnectionError):
                 await send_for_10_s()
-            assert 0.5 <= time.monotonic() - started < 1.5
+            assert time.monotonic() - started < 1.5
         finally:
             sock.close()
         await wait_until(lambda: not server.stats.active)
