@@ -25,6 +25,7 @@ __all__ = [
     "busy_reply",
     "echo",
     "rule_for",
+    "serve_rule",
     "thanks",
     "thanks_reply",
 ]
@@ -147,9 +148,11 @@ def rule_for(handler: Handler, max_message_size: int) -> ReplyRule | None:
     return None
 
 
-async def _serve_rule(
+async def serve_rule(
     rule: ReplyRule, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    """Serve one connection's streams with `rule` until EOF or a message too long,
+    reading no faster than the client takes the replies; then close the writer."""
     try:
         while data := await reader.read(READ_CHUNK):
             try:
@@ -169,7 +172,7 @@ async def _serve_rule(
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Echo (RFC 862 over TCP): send every byte back; at EOF, finish sending and close."""
-    await _serve_rule(EchoRule(), reader, writer)
+    await serve_rule(EchoRule(), reader, writer)
 
 
 async def thanks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -180,4 +183,4 @@ async def thanks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     DEFAULT_MAX_MESSAGE_SIZE gets one line "Error: message longer than N bytes"
     and the connection closes.
     """
-    await _serve_rule(ThanksRule(), reader, writer)
+    await serve_rule(ThanksRule(), reader, writer)

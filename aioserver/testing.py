@@ -37,12 +37,10 @@ from typing import Any, Self, TypedDict, TypeVar, Unpack, cast
 from .loops import loop_factory
 from .protocols import (
     DEFAULT_MAX_MESSAGE_SIZE,
-    READ_CHUNK,
     Handler,
-    MessageTooLong,
-    ReplyRule,
     echo,
     rule_for,
+    serve_rule,
     thanks,
 )
 from .server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Server
@@ -893,7 +891,7 @@ class TestServer:
             else:
                 rule = rule_for(handler, self._options["max_message_size"])
                 if rule is not None:
-                    await _serve_rule(rule, link.reader, link.writer)
+                    await serve_rule(rule, link.reader, link.writer)
                 else:
                     await handler(link.reader, link.writer)
                 await link.flushed()
@@ -915,27 +913,6 @@ class TestServer:
                 ending = Ending.SERVER_STOPPED
             link.discard()
             self._recording.end(live, link.fault or ending, error)
-
-
-async def _serve_rule(
-    rule: ReplyRule, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    # The built-in protocols as streams, as aioserver.echo and aioserver.thanks
-    # serve them, but with the server's max_message_size.
-    try:
-        while data := await reader.read(READ_CHUNK):
-            try:
-                reply = rule.feed(data)
-            except MessageTooLong as error:
-                writer.write(error.reply)
-                return
-            if reply:
-                writer.write(reply)
-                await writer.drain()
-        writer.write(rule.finish())
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 def _placeholder(listener: socket.socket) -> socket.socket:
