@@ -14,7 +14,8 @@ from typing import Any
 from .loops import loop_factory
 from .protocols import Handler
 from .server import Server
-from .workers import bind_sockets, supervise
+from .sockets import bind_sockets
+from .workers import supervise
 
 __all__ = ["STOP_SIGNALS", "run"]
 

@@ -1,8 +1,9 @@
 """Several worker processes serving the same listening sockets.
 
-The supervisor binds the sockets once (so a port in use fails at once, in one
-place, and port 0 gives every worker the same real port), then forks the
-workers, which inherit them and each run their own event loop and `Server`.
+The supervisor binds the sockets once, with `aioserver.sockets.bind_sockets` (so
+a port in use fails at once, in one place, and port 0 gives every worker the
+same real port), then forks the workers, which inherit them and each run their
+own event loop and `Server`.
 The kernel hands each new connection to one worker waiting in accept. The
 supervisor restarts a worker that dies, forwards SIGINT and SIGTERM to all of
 them so each stops through the usual cancellation path, and exits when they
@@ -19,12 +20,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-from .server import DEFAULT_BACKLOG, DEFAULT_HOST, DEFAULT_PORT, _clear_stale_socket
-
-__all__ = ["bind_sockets", "supervise"]
+__all__ = ["supervise"]
 
 logger = logging.getLogger("aioserver")
 
@@ -33,46 +32,6 @@ logger = logging.getLogger("aioserver")
 RESTART_BACKOFF = 1.0
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
-
-
-def bind_sockets(
-    *,
-    host: str | Sequence[str] | None = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    unix: str | None = None,
-    backlog: int = DEFAULT_BACKLOG,
-    reuse_port: bool = False,
-) -> list[socket.socket]:
-    """Bind and listen as `Server` would; raise OSError (e.g. address in use)."""
-    sockets: list[socket.socket] = []
-    try:
-        if unix is not None:
-            _clear_stale_socket(unix)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(unix)
-            sock.listen(backlog)
-            return sockets
-        hosts = [host] if isinstance(host, str) or host is None else list(host)
-        for name in hosts:
-            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            for family, kind, proto, _, address in infos:
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(backlog)
-                # With port 0, every address shares the port the kernel gave the first.
-                port = port or sock.getsockname()[1]
-        return sockets
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
 
 
 def supervise(
