@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .loops import LOOP_NAMES, resolve_loop
 from .protocols import DEFAULT_MAX_MESSAGE_SIZE, Handler, echo, thanks
+from .proxy import DEFAULT_PROXY_ALLOW, parse_networks
 from .runner import run
 from .server import (
     DEFAULT_BACKLOG,
@@ -246,6 +247,15 @@ OPTIONS = (
         switch=True,
     ),
     _Option(
+        "proxy-allow",
+        "with --proxy-protocol, the balancer addresses (CIDR, or * for any) allowed to"
+        " send a PROXY header; a header from elsewhere closes the connection; repeat"
+        " for several (the variable takes a comma-separated list)",
+        default=list(DEFAULT_PROXY_ALLOW),
+        repeat=True,
+        metavar="CIDR",
+    ),
+    _Option(
         "workers",
         "worker processes sharing the listening sockets, each with its own event loop;"
         " 1 serves from this process",
@@ -396,7 +406,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command with `argv` (default sys.argv) and `environ` (default
     os.environ); return its exit status. Argument errors exit 2 via SystemExit.
     """
-    args = _parse(build_parser(), argv, os.environ if environ is None else environ)
+    parser = build_parser()
+    args = _parse(parser, argv, os.environ if environ is None else environ)
+    try:
+        parse_networks(args.proxy_allow)
+    except ValueError as error:
+        parser.error(f"argument --proxy-allow: {error}")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("aioserver.access").disabled = not args.access_log
     try:
@@ -428,6 +443,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 max_message_size=args.max_message_size,
                 shutdown_timeout=args.shutdown_timeout,
                 proxy_protocol=args.proxy_protocol,
+                proxy_allow=args.proxy_allow,
                 ssl=context,
                 workers=args.workers,
             )
