@@ -10,33 +10,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
+import ctypes
 import re
 import select
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from aioserver import Server, __version__, cli, echo, run
-from aioserver.protocols import thanks_reply
+from aioserver import Server, __version__, cli, echo, run, thanks
 
-# The installed console script, next to the interpreter running the tests.
-SCRIPT = str(Path(sys.executable).with_name("aioserver"))
-# Start-up of a Python process under coverage on a loaded 2-core machine, with room.
-START_TIMEOUT = 20.0
-# A command that is not serving (errors, --help) ends well within this.
-RUN_TIMEOUT = 20.0
+from .helpers import (
+    PREFIX,
+    RUN_TIMEOUT,
+    START_TIMEOUT,
+    AioserverProcess,
+    Entry,
+    StartServer,
+    close,
+    expected_thanks,
+    needs_ipv6,
+    run_aioserver,
+)
+
 # The slack the issue allows a stop past --shutdown-timeout.
 STOP_SLACK = 1.0
 # A stop forced by a second signal takes no part of the shutdown timeout.
@@ -44,7 +48,6 @@ FORCED_STOP_LIMIT = 2.0
 # Socket timeout of the test clients: far above any reply time, short of the test timeout.
 CLIENT_TIMEOUT = 10.0
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
-LISTENING = re.compile(r"^Listening on (\S+)$", re.MULTILINE)
 
 USER_HANDLERS = '''\
 import asyncio
@@ -68,162 +71,13 @@ VALUE = 42
 '''
 
 
-# Running the command.
+# Checking the command.
 
 
-def command_line(args: tuple[str, ...], entry: str) -> list[str]:
-    if entry == "script":
-        return [SCRIPT, *args]
-    return [sys.executable, "-m", "aioserver", *args]
-
-
-def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment (coverage's subprocess set-up included), no AIOSERVER_*."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AIOSERVER_")}
-    env.update(extra or {})
-    return env
-
-
-class Command:
-    """One running `aioserver`, its stdout and stderr collected as they come."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None) -> None:
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=cwd,
-        )
-        self._output = {"stdout": bytearray(), "stderr": bytearray()}
-        self._ended: set[str] = set()
-        self._changed = threading.Condition()
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self._pumps = [
-            threading.Thread(target=self._pump, args=(name, stream), daemon=True)
-            for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr))
-        ]
-        for pump in self._pumps:
-            pump.start()
-
-    def _pump(self, name: str, stream: IO[bytes]) -> None:
-        while chunk := stream.read1(65536):  # type: ignore[attr-defined]
-            with self._changed:
-                self._output[name] += chunk
-                self._changed.notify_all()
-        with self._changed:
-            self._ended.add(name)
-            self._changed.notify_all()
-
-    @property
-    def stdout(self) -> str:
-        with self._changed:
-            return self._output["stdout"].decode(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        with self._changed:
-            return self._output["stderr"].decode(errors="replace")
-
-    def wait_for(self, name: str, found: Callable[[str], bool], timeout: float) -> str:
-        """Wait until `found(output so far)`; return the output."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                text = self._output[name].decode(errors="replace")
-                if found(text):
-                    return text
-                remaining = deadline - time.monotonic()
-                if name in self._ended or remaining <= 0:
-                    output = {
-                        key: value.decode(errors="replace") for key, value in self._output.items()
-                    }
-                    raise AssertionError(f"not seen on {name}; output so far: {output}")
-                self._changed.wait(remaining)
-
-    def addresses(self, count: int = 1) -> list[str]:
-        """The addresses of the first `count` listening lines, waiting for them."""
-        text = self.wait_for(
-            "stdout", lambda out: len(LISTENING.findall(out)) >= count, START_TIMEOUT
-        )
-        return LISTENING.findall(text)[:count]
-
-    def address(self) -> str:
-        return self.addresses(1)[0]
-
-    def wait_for_log(self, text: str, timeout: float = START_TIMEOUT) -> None:
-        self.wait_for("stderr", lambda err: text in err, timeout)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = RUN_TIMEOUT) -> float:
-        """Send `signum`, wait for the exit; return the seconds it took."""
-        started = time.monotonic()
-        self.process.send_signal(signum)
-        self.finish(timeout)
-        return time.monotonic() - started
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
-        """Wait for the exit and for all of its output; return the exit status."""
-        status = self.process.wait(timeout)
-        for pump in self._pumps:
-            pump.join(timeout)
-        return status
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(RUN_TIMEOUT)
-        for pump in self._pumps:
-            pump.join(RUN_TIMEOUT)
-        assert self.process.stdout is not None
-        assert self.process.stderr is not None
-        self.process.stdout.close()
-        self.process.stderr.close()
-
-
-StartCommand = Callable[..., Command]
-
-
-@pytest.fixture
-def start() -> Iterator[StartCommand]:
-    """Start `aioserver ARGS...` (entry="script" for the console script); killed at teardown."""
-    started: list[Command] = []
-
-    def start(
-        *args: str,
-        entry: str = "module",
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> Command:
-        command = Command(command_line(args, entry), environment(env), cwd)
-        started.append(command)
-        return command
-
-    yield start
-    for command in started:
-        command.kill()
-
-
-def run_command(
-    *args: str, entry: str = "module", env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run a command that is expected to end by itself (errors, --help, --version)."""
-    return subprocess.run(
-        command_line(args, entry),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=environment(env),
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-
-
-def assert_stopped_cleanly(command: Command) -> None:
+def assert_stopped_cleanly(command: AioserverProcess) -> None:
     """The command exited 0 after a stop, logged `Stopped` and no traceback."""
     stderr = command.stderr
-    assert command.process.returncode == 0, stderr
+    assert command.returncode == 0, stderr
     assert "Stopped" in stderr
     assert "Traceback" not in stderr
 
@@ -281,9 +135,7 @@ def converse(
 
 def assert_serves(address: str, protocol: str, tls: ssl.SSLContext | None = None) -> None:
     message = b"hello\nworld\n"
-    expected = (
-        message if protocol == "echo" else thanks_reply(b"hello\n") + thanks_reply(b"world\n")
-    )
+    expected = message if protocol == "echo" else PREFIX + b"hello\n" + PREFIX + b"world\n"
     assert converse(address, message, len(expected), tls) == expected
 
 
@@ -300,10 +152,10 @@ def assert_serves(address: str, protocol: str, tls: ssl.SSLContext | None = None
     ],
 )
 def test_port_0_prints_the_real_port_and_serves(
-    start: StartCommand, entry: str, protocol: str, loop: str
+    start_server: StartServer, entry: Entry, protocol: str, loop: str
 ) -> None:
-    command = start("--port", "0", "--protocol", protocol, "--loop", loop, entry=entry)
-    address = command.address()
+    command = start_server("--port", "0", "--protocol", protocol, "--loop", loop, entry=entry)
+    address = command.address
     assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
     assert not address.endswith(":0")
     assert_serves(address, protocol)
@@ -316,9 +168,8 @@ def test_port_0_prints_the_real_port_and_serves(
     assert command.stdout == f"Listening on {address}\n"
 
 
-def test_auto_loop_is_uvloop_when_installed(start: StartCommand) -> None:
-    command = start("--port", "0")
-    command.address()
+def test_auto_loop_is_uvloop_when_installed(start_server: StartServer) -> None:
+    command = start_server("--port", "0")
     command.stop()
     assert "protocol echo on the uvloop loop" in command.stderr.splitlines()[0]
 
@@ -368,7 +219,7 @@ async def busy_client(address: str, number: int, served: Callable[[], None]) -> 
                 batch = b"".join(
                     b"client %d message %d\n" % (number, sent + i) for i in range(BATCH)
                 )
-                expected.extend(b"".join(map(thanks_reply, batch.splitlines(keepends=True))))
+                expected.extend(expected_thanks(batch))
                 sent += BATCH
                 writer.write(batch)
                 await writer.drain()
@@ -384,13 +235,11 @@ async def busy_client(address: str, number: int, served: Callable[[], None]) -> 
         for task in (reading, sending):
             task.cancel()
         await asyncio.wait({reading, sending})
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        await close(writer)
     return bytes(expected), bytes(received)
 
 
-async def stop_under_load(command: Command, address: str, signum: int) -> float:
+async def stop_under_load(command: AioserverProcess, address: str, signum: int) -> float:
     """Signal the command while BUSY_CLIENTS clients send; check every reply they got."""
     all_served = asyncio.Event()
     served = 0
@@ -421,10 +270,10 @@ async def stop_under_load(command: Command, address: str, signum: int) -> float:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_gracefully_with_100_busy_clients(
-    start: StartCommand, signum: signal.Signals, loop: str
+    start_server: StartServer, signum: signal.Signals, loop: str
 ) -> None:
     shutdown_timeout = 2.0
-    command = start(
+    command = start_server(
         "--port",
         "0",
         "--protocol",
@@ -434,7 +283,7 @@ def test_signal_stops_gracefully_with_100_busy_clients(
         "--shutdown-timeout",
         str(shutdown_timeout),
     )
-    elapsed = asyncio.run(stop_under_load(command, command.address(), signum))
+    elapsed = asyncio.run(stop_under_load(command, command.address, signum))
     assert_stopped_cleanly(command)
     assert elapsed < shutdown_timeout + STOP_SLACK
     assert f"{signum.name} received: stopping" in command.stderr
@@ -458,9 +307,9 @@ def jam(sock: socket.socket) -> int:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_second_sigint_stops_a_long_shutdown_at_once(start: StartCommand, loop: str) -> None:
-    command = start("--port", "0", "--loop", loop, "--shutdown-timeout", "60")
-    address = command.address()
+def test_second_sigint_stops_a_long_shutdown_at_once(start_server: StartServer, loop: str) -> None:
+    command = start_server("--port", "0", "--loop", loop, "--shutdown-timeout", "60")
+    address = command.address
     with connect(address) as stuck:
         assert jam(stuck) > 0
         command.process.send_signal(signal.SIGINT)
@@ -474,13 +323,13 @@ def test_second_sigint_stops_a_long_shutdown_at_once(start: StartCommand, loop: 
 
 
 def test_sigterm_with_idle_clients_of_a_user_handler_is_immediate(
-    start: StartCommand, tmp_path: Path
+    start_server: StartServer, tmp_path: Path
 ) -> None:
     (tmp_path / "handlers.py").write_text(USER_HANDLERS)
-    command = start(
+    command = start_server(
         "--port", "0", "--protocol", "handlers:handler", env={"PYTHONPATH": str(tmp_path)}
     )
-    address = command.address()
+    address = command.address
     with connect(address) as first, connect(address) as second:
         first.sendall(b"one\n")
         assert receive(first, 8) == b"got ONE\n"
@@ -496,53 +345,104 @@ def test_sigterm_with_idle_clients_of_a_user_handler_is_immediate(
 
 
 @pytest.mark.parametrize("entry", ["module", "script"])
-def test_port_in_use_fails_in_one_line(entry: str) -> None:
+def test_port_in_use_fails_in_one_line(entry: Entry) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_command("--port", str(port), entry=entry)
+        result = run_aioserver("--port", str(port), entry=entry)
     assert_fails_in_one_line(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
 
 
 def test_a_second_server_on_the_same_port_fails_and_the_first_serves_on(
-    start: StartCommand,
+    start_server: StartServer,
 ) -> None:
-    first = start("--port", "0", "--protocol", "thanks")
-    address = first.address()
-    result = run_command("--port", address.rpartition(":")[2])
+    first = start_server("--port", "0", "--protocol", "thanks")
+    address = first.address
+    result = run_aioserver("--port", address.rpartition(":")[2])
     assert_fails_in_one_line(result, f"cannot listen on {address}: address already in use")
     assert_serves(address, "thanks")
     first.stop()
     assert_stopped_cleanly(first)
 
 
+# linux/prctl.h and linux/capability.h
+PR_CAPBSET_DROP = 24
+CAP_SETPCAP = 8
+CAP_NET_BIND_SERVICE = 10
+
+
+def capabilities(kind: str) -> int:
+    """This process's capability set `kind` (Inh, Prm, Eff, Bnd, Amb) as a bit mask."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"Cap{kind}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no Cap{kind} in /proc/self/status")
+
+
+def without_low_ports() -> Callable[[], None] | None:
+    """A preexec_fn that leaves the command unprivileged for ports below 1024, or
+    None when this process is already; skips the test when that cannot be had.
+
+    As root (CI runs as root) it drops CAP_NET_BIND_SERVICE from the child's
+    capability bounding set, so the command, though uid 0, lacks the one privilege
+    the kernel checks for a low port. (Switching to nobody does not work here: the
+    venv's interpreter links into /root, which nobody may not enter.)
+    """
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start <= 1:
+        pytest.skip(f"any user may listen on port 1 here (ip_unprivileged_port_start={start})")
+    bind_service = 1 << CAP_NET_BIND_SERVICE
+    if not capabilities("Eff") & bind_service:
+        return None
+    if (capabilities("Inh") | capabilities("Amb")) & bind_service:
+        pytest.skip("CAP_NET_BIND_SERVICE is inheritable here: a child keeps it")
+    if not capabilities("Eff") & (1 << CAP_SETPCAP):
+        pytest.skip("this process may listen on low ports and cannot give that up (no CAP_SETPCAP)")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop() -> None:
+        if libc.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE)")
+
+    return drop
+
+
+def test_permission_denied_on_a_low_port() -> None:
+    result = run_aioserver("--port", "1", preexec_fn=without_low_ports())
+    assert_fails_in_one_line(
+        result,
+        "cannot listen on 127.0.0.1:1: permission denied",
+        "(ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    )
+
+
 # Done when 4: environment variables, and flags over them.
 
 
-def test_environment_variables_configure_the_command(start: StartCommand) -> None:
-    command = start(
+def test_environment_variables_configure_the_command(start_server: StartServer) -> None:
+    command = start_server(
         entry="script",
         env={"AIOSERVER_PORT": "0", "AIOSERVER_PROTOCOL": "thanks", "AIOSERVER_CERTFILE": ""},
     )
-    assert_serves(command.address(), "thanks")
+    assert_serves(command.address, "thanks")
     command.stop()
     assert_stopped_cleanly(command)
 
 
-def test_a_flag_wins_over_its_environment_variable(start: StartCommand) -> None:
+def test_a_flag_wins_over_its_environment_variable(start_server: StartServer) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy_port = str(taken.getsockname()[1])
-        command = start(
+        command = start_server(
             "--port",
             "0",
             "--protocol",
             "echo",
             env={"AIOSERVER_PORT": busy_port, "AIOSERVER_PROTOCOL": "thanks"},
         )
-        assert_serves(command.address(), "echo")
+        assert_serves(command.address, "echo")
     command.stop()
     assert_stopped_cleanly(command)
 
@@ -550,25 +450,11 @@ def test_a_flag_wins_over_its_environment_variable(start: StartCommand) -> None:
 # Done when 5: TLS, a Unix socket, IPv6.
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    return certfile, keyfile
-
-
 def test_tls_serves_a_client_that_checks_the_certificate(
-    start: StartCommand, ca: trustme.CA, tls_files: tuple[Path, Path]
+    start_server: StartServer, client_tls_context: ssl.SSLContext, tls_files: tuple[Path, Path]
 ) -> None:
     certfile, keyfile = tls_files
-    command = start(
+    command = start_server(
         "--port",
         "0",
         "--protocol",
@@ -578,10 +464,8 @@ def test_tls_serves_a_client_that_checks_the_certificate(
         "--keyfile",
         str(keyfile),
     )
-    address = command.address()
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    assert_serves(address, "thanks", tls=client_context)
+    address = command.address
+    assert_serves(address, "thanks", tls=client_tls_context)
     with pytest.raises(ssl.SSLCertVerificationError):
         converse(address, b"x\n", 1, tls=ssl.create_default_context())
     command.stop()
@@ -597,55 +481,80 @@ def encrypted(key_pem: bytes) -> bytes:
     )
 
 
+# The options of a bad TLS case, from (certfile, keyfile, tmp_path, the CA); a case
+# writes any file of its own into tmp_path/other.pem.
+TlsArgs = Callable[[Path, Path, Path, trustme.CA], tuple[str, ...]]
+
+
+def not_pem(certfile: Path, keyfile: Path, tmp: Path, ca: trustme.CA) -> tuple[str, ...]:
+    (tmp / "other.pem").write_text("hello\n")
+    return ("--certfile", str(tmp / "other.pem"), "--keyfile", str(keyfile))
+
+
+def key_of_another(certfile: Path, keyfile: Path, tmp: Path, ca: trustme.CA) -> tuple[str, ...]:
+    ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(tmp / "other.pem"))
+    return ("--certfile", str(certfile), "--keyfile", str(tmp / "other.pem"))
+
+
+def encrypted_key(certfile: Path, keyfile: Path, tmp: Path, ca: trustme.CA) -> tuple[str, ...]:
+    (tmp / "other.pem").write_bytes(encrypted(keyfile.read_bytes()))
+    return ("--certfile", str(certfile), "--keyfile", str(tmp / "other.pem"))
+
+
 @pytest.mark.parametrize(
-    ("case", "phrase"),
+    ("tls_args", "phrase"),
     [
-        ("missing certfile", "cannot read TLS certificate"),
-        ("keyfile is a directory", "Is a directory"),
-        ("not PEM", "no PEM certificate with its private key found"),
-        ("no key", "no PEM certificate with its private key found"),
-        ("key of another certificate", "the private key does not match the certificate"),
-        ("encrypted key", "the TLS private key is encrypted"),
-        ("keyfile alone", "--keyfile needs --certfile"),
+        pytest.param(
+            lambda cert, key, tmp, ca: ("--certfile", str(tmp / "nowhere.pem")),
+            "cannot read TLS certificate",
+            id="missing certfile",
+        ),
+        pytest.param(
+            lambda cert, key, tmp, ca: ("--certfile", str(cert), "--keyfile", str(tmp)),
+            "Is a directory",
+            id="keyfile is a directory",
+        ),
+        pytest.param(not_pem, "no PEM certificate with its private key found", id="not PEM"),
+        pytest.param(
+            lambda cert, key, tmp, ca: ("--certfile", str(cert)),
+            "no PEM certificate with its private key found",
+            id="no key",
+        ),
+        pytest.param(
+            key_of_another,
+            "the private key does not match the certificate",
+            id="key of another certificate",
+        ),
+        pytest.param(encrypted_key, "the TLS private key is encrypted", id="encrypted key"),
+        pytest.param(
+            lambda cert, key, tmp, ca: ("--keyfile", str(key)),
+            "--keyfile needs --certfile",
+            id="keyfile alone",
+        ),
     ],
 )
 def test_bad_tls_files_fail_in_one_line(
-    ca: trustme.CA, tls_files: tuple[Path, Path], tmp_path: Path, case: str, phrase: str
+    tls_ca: trustme.CA,
+    tls_files: tuple[Path, Path],
+    tmp_path: Path,
+    tls_args: TlsArgs,
+    phrase: str,
 ) -> None:
     certfile, keyfile = tls_files
-    other = tmp_path / "other.pem"
-    args: tuple[str, ...] = ("--certfile", str(certfile), "--keyfile", str(keyfile))
-    if case == "missing certfile":
-        args = ("--certfile", str(tmp_path / "nowhere.pem"))
-    elif case == "keyfile is a directory":
-        args = ("--certfile", str(certfile), "--keyfile", str(tmp_path))
-    elif case == "not PEM":
-        other.write_text("hello\n")
-        args = ("--certfile", str(other), "--keyfile", str(keyfile))
-    elif case == "no key":
-        args = ("--certfile", str(certfile))
-    elif case == "key of another certificate":
-        ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
-        args = ("--certfile", str(certfile), "--keyfile", str(other))
-    elif case == "encrypted key":
-        other.write_bytes(encrypted(keyfile.read_bytes()))
-        args = ("--certfile", str(certfile), "--keyfile", str(other))
-    elif case == "keyfile alone":
-        args = ("--keyfile", str(keyfile))
-    result = run_command("--port", "0", *args)
+    result = run_aioserver("--port", "0", *tls_args(certfile, keyfile, tmp_path, tls_ca))
     assert_fails_in_one_line(result, phrase)
     assert result.stderr.count("\n") == 1
 
 
 def test_unix_socket_serves_and_refuses_a_second_server(
-    start: StartCommand, tmp_path: Path
+    start_server: StartServer, tmp_path: Path
 ) -> None:
     path = tmp_path / "echo.sock"
-    command = start("--unix", str(path))
-    address = command.address()
+    command = start_server("--unix", str(path))
+    address = command.address
     assert address == f"unix:{path}"
     assert_serves(address, "echo")
-    result = run_command("--unix", str(path))
+    result = run_aioserver("--unix", str(path))
     assert_fails_in_one_line(result, f"cannot listen on unix:{path}: address already in use")
     assert_serves(address, "echo")
     command.stop()
@@ -653,13 +562,15 @@ def test_unix_socket_serves_and_refuses_a_second_server(
     assert not path.exists()
 
 
-def test_unix_socket_left_by_a_dead_server_is_replaced(start: StartCommand, tmp_path: Path) -> None:
+def test_unix_socket_left_by_a_dead_server_is_replaced(
+    start_server: StartServer, tmp_path: Path
+) -> None:
     path = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(path))
     assert path.is_socket()
-    command = start("--unix", str(path), "--protocol", "thanks")
-    assert_serves(command.address(), "thanks")
+    command = start_server("--unix", str(path), "--protocol", "thanks")
+    assert_serves(command.address, "thanks")
     command.stop()
     assert_stopped_cleanly(command)
 
@@ -667,26 +578,19 @@ def test_unix_socket_left_by_a_dead_server_is_replaced(start: StartCommand, tmp_
 def test_unix_socket_path_that_is_another_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("keep me\n")
-    result = run_command("--unix", str(path))
+    result = run_aioserver("--unix", str(path))
     assert_fails_in_one_line(
         result, f"cannot listen on unix:{path}: the path exists and is not a socket"
     )
     assert path.read_text() == "keep me\n"
 
 
-def ipv6_loopback_works() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not ipv6_loopback_works(), reason="::1 is not available here")
-def test_ipv6_and_ipv4_loopback_share_the_port(start: StartCommand) -> None:
-    command = start("--host", "::1", "--host", "127.0.0.1", "--port", "0", "--protocol", "thanks")
-    ipv6, ipv4 = command.addresses(2)
+@needs_ipv6
+def test_ipv6_and_ipv4_loopback_share_the_port(start_server: StartServer) -> None:
+    command = start_server(
+        "--host", "::1", "--host", "127.0.0.1", "--port", "0", "--protocol", "thanks", ready=2
+    )
+    ipv6, ipv4 = command.addresses
     port = ipv6.rpartition(":")[2]
     assert ipv6 == f"[::1]:{port}"
     assert ipv4 == f"127.0.0.1:{port}"
@@ -711,9 +615,9 @@ def user_package(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("entry", ["module", "script"])
-def test_user_handler_serves(start: StartCommand, user_package: Path, entry: str) -> None:
+def test_user_handler_serves(start_server: StartServer, user_package: Path, entry: Entry) -> None:
     if entry == "module":  # found on PYTHONPATH
-        command = start(
+        command = start_server(
             "--port",
             "0",
             "--protocol",
@@ -721,11 +625,11 @@ def test_user_handler_serves(start: StartCommand, user_package: Path, entry: str
             env={"PYTHONPATH": str(user_package)},
         )
     else:  # found in the current directory, as with uvicorn
-        command = start(
+        command = start_server(
             "--port", "0", "--protocol", "mypkg.mod:handler", entry=entry, cwd=user_package
         )
     expected = b"got HI\ngot THERE\n"
-    assert converse(command.address(), b"hi\nthere\n", len(expected)) == expected
+    assert converse(command.address, b"hi\nthere\n", len(expected)) == expected
     command.stop(signal.SIGINT)
     assert_stopped_cleanly(command)
     assert "protocol mypkg.mod:handler" in command.stderr.splitlines()[0]
@@ -743,7 +647,7 @@ def test_user_handler_serves(start: StartCommand, user_package: Path, entry: str
     ],
 )
 def test_a_bad_protocol_fails_in_one_line(user_package: Path, protocol: str, phrase: str) -> None:
-    result = run_command(
+    result = run_aioserver(
         "--port", "0", "--protocol", protocol, env={"PYTHONPATH": str(user_package)}
     )
     assert_fails_in_one_line(result, phrase)
@@ -754,7 +658,7 @@ def test_a_bad_protocol_fails_in_one_line(user_package: Path, protocol: str, phr
 
 
 def test_help_names_every_variable_and_default() -> None:
-    result = run_command("--help", entry="script")
+    result = run_aioserver("--help", entry="script")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # undo argparse's wrapping
     for option in cli.OPTIONS:
@@ -765,7 +669,7 @@ def test_help_names_every_variable_and_default() -> None:
 
 
 def test_version() -> None:
-    result = run_command("--version")
+    result = run_aioserver("--version")
     assert (result.returncode, result.stdout) == (0, f"aioserver {__version__}\n")
 
 
@@ -776,9 +680,10 @@ def test_version() -> None:
         (("--loop", "tokio"), {}, "argument --loop: invalid choice: 'tokio'"),
         ((), {"AIOSERVER_PORT": "70000"}, "AIOSERVER_PORT='70000': expected a number from 0"),
     ],
+    ids=["port-not-a-number", "unknown-loop", "env-port-out-of-range"],
 )
 def test_argument_errors_exit_2(args: tuple[str, ...], env: dict[str, str], phrase: str) -> None:
-    result = run_command(*args, env=env)
+    result = run_aioserver(*args, env=env)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("usage: aioserver")
@@ -796,10 +701,10 @@ def test_argument_errors_exit_2(args: tuple[str, ...], env: dict[str, str], phra
     ids=["default", "flag-off", "env-off", "flag-over-env"],
 )
 def test_access_log_switch(
-    start: StartCommand, args: tuple[str, ...], env: dict[str, str], logged: bool
+    start_server: StartServer, args: tuple[str, ...], env: dict[str, str], logged: bool
 ) -> None:
-    command = start("--port", "0", *args, env=env)
-    address = command.address()
+    command = start_server("--port", "0", *args, env=env)
+    address = command.address
     assert_serves(address, "echo")
     if logged:
         command.wait_for_log("closed after")
@@ -808,8 +713,8 @@ def test_access_log_switch(
     assert ("closed after" in command.stderr) is logged
 
 
-def test_limit_flags_reach_the_server(start: StartCommand) -> None:
-    command = start(
+def test_limit_flags_reach_the_server(start_server: StartServer) -> None:
+    command = start_server(
         "--port",
         "0",
         "--protocol",
@@ -821,10 +726,10 @@ def test_limit_flags_reach_the_server(start: StartCommand) -> None:
         "--idle-timeout",
         "0.3",
     )
-    address = command.address()
+    address = command.address
     with connect(address) as first:
         first.sendall(b"short\n")
-        assert receive(first, 33) == thanks_reply(b"short\n")
+        assert receive(first, 33) == PREFIX + b"short\n"
         with connect(address) as turned_away:  # receive() reads to EOF from here on
             assert receive(turned_away, 100) == b"Error: server busy\n"
         first.sendall(b"a line of more than sixteen bytes\n")
@@ -859,12 +764,6 @@ def test_permission_denied_on_a_low_port_says_why() -> None:
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may listen on any port")
-def test_permission_denied_on_a_low_port() -> None:
-    result = run_command("--port", "1")
-    assert_fails_in_one_line(result, "cannot listen on 127.0.0.1:1: permission denied")
-
-
 def test_name_that_does_not_resolve() -> None:
     args = argparse.Namespace(unix=None, host=["nowhere.invalid"], port=1234)
     error = socket.gaierror(-2, "Name or service not known")
@@ -883,6 +782,7 @@ def test_name_that_does_not_resolve() -> None:
         (cli._flag, "yes", True),
         (cli._flag, "0", False),
     ],
+    ids=["timeout-none", "timeout-0", "timeout-2.5", "seconds-0", "flag-yes", "flag-0"],
 )
 def test_option_values(parse: Callable[[str], object], text: str, value: object) -> None:
     assert parse(text) == value
@@ -898,25 +798,43 @@ def test_option_values(parse: Callable[[str], object], text: str, value: object)
         (cli._positive_int, "0"),
         (cli._flag, "maybe"),
     ],
+    ids=[
+        "seconds-soon",
+        "seconds-negative",
+        "seconds-inf",
+        "seconds-nan",
+        "positive-int-0",
+        "flag-maybe",
+    ],
 )
 def test_bad_option_values(parse: Callable[[str], object], text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse(text)
 
 
-def test_environment_precedence_in_process() -> None:
-    parser = cli.build_parser()
-    env = {"AIOSERVER_HOST": "::1, 127.0.0.1", "AIOSERVER_LOOP": "asyncio", "AIOSERVER_UNIX": ""}
-    args = cli._parse(parser, [], env)
-    assert (args.host, args.loop, args.unix) == (["::1", "127.0.0.1"], "asyncio", None)
-    args = cli._parse(cli.build_parser(), ["--host", "0.0.0.0"], env)
-    assert args.host == ["0.0.0.0"]
-    assert cli._parse(cli.build_parser(), [], {}).host == ["127.0.0.1"]
+ENV = {"AIOSERVER_HOST": "::1, 127.0.0.1", "AIOSERVER_LOOP": "asyncio", "AIOSERVER_UNIX": ""}
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], ENV, {"host": ["::1", "127.0.0.1"], "loop": "asyncio", "unix": None}),
+        (["--host", "0.0.0.0"], ENV, {"host": ["0.0.0.0"]}),
+        ([], {}, {"host": ["127.0.0.1"]}),
+    ],
+    ids=["environment", "flag-over-environment", "default"],
+)
+def test_environment_precedence_in_process(
+    argv: list[str], env: dict[str, str], expected: dict[str, object]
+) -> None:
+    args = cli._parse(cli.build_parser(), argv, env)
+    assert {name: getattr(args, name) for name in expected} == expected
 
 
 @pytest.mark.parametrize(
     "env",
     [{"AIOSERVER_LOOP": "tokio"}, {"AIOSERVER_REUSE_PORT": "maybe"}],
+    ids=["loop-tokio", "reuse-port-maybe"],
 )
 def test_bad_environment_values_exit_2(
     env: dict[str, str], capsys: pytest.CaptureFixture[str]
@@ -937,7 +855,14 @@ def test_load_handler_follows_dotted_attributes(
     monkeypatch.syspath_prepend(str(user_package))
     handler = cli.load_handler("mypkg.nested:Service.handle")
     assert handler.__name__ == "handle"
-    assert cli.load_handler("thanks") is cli.BUILTIN_PROTOCOLS["thanks"]
+
+
+@pytest.mark.parametrize(
+    ("name", "handler"), [("echo", echo), ("thanks", thanks)], ids=["echo", "thanks"]
+)
+def test_load_handler_knows_the_built_in_protocols(name: str, handler: object) -> None:
+    assert cli.load_handler(name) is handler
+    assert cli.BUILTIN_PROTOCOLS[name] is handler
 
 
 @pytest.mark.parametrize("thread", ["main", "other"])

@@ -6,6 +6,7 @@ is missing its test is skipped and says so. Everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -13,14 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from .helpers import PREFIX, AioserverProcess, start_aioserver, wait_until_blocking
 
 HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
@@ -29,61 +30,25 @@ needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (.ci/run installs Debian's package)"
 )
 
-PREFIX = b"Thank you for your message "
-
 README = Path(__file__).resolve().parent.parent / "README.md"
+# HAProxy's start, its health checks and the instances' access logs, with room.
+WAIT_TIMEOUT = 15.0
 
 
 def readme_block(language: str) -> str:
     """The README's one fenced block in `language`: what the tests run is what it shows."""
     blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) == 1, f"expected one {language} block in README.md"
-    return blocks[0]
+    return str(blocks[0])
 
 
-class Instance:
-    """An `aioserver` process whose stderr is collected as it comes."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aioserver",
-                "--protocol",
-                "thanks",
-                "--port",
-                "0",
-                "--proxy-protocol",
-                "--shutdown-timeout",
-                "2",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode()
-        assert line.startswith("Listening on 127.0.0.1:"), line
-        self.port = int(line.rsplit(":", 1)[1])
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-
-    def _collect(self) -> None:
-        assert self.process.stderr is not None
-        for raw in self.process.stderr:
-            self.log.append(raw.decode(errors="replace"))
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=10)
-        self._reader.join(timeout=5)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        return code
+def instance() -> AioserverProcess:
+    """An `aioserver` behind HAProxy, as the README runs it, on a port of its own."""
+    server = start_aioserver(
+        "--protocol", "thanks", "--port", "0", "--proxy-protocol", "--shutdown-timeout", "2"
+    )
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", server.address), server.address
+    return server
 
 
 def free_port() -> int:
@@ -107,45 +72,45 @@ def backend_status(stats_socket: Path) -> dict[str, str]:
     return status
 
 
-def wait_for(condition: object, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    wait_until_blocking(condition, WAIT_TIMEOUT, what)
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[int, Path, Instance, Instance]]:
-    a, b = Instance(), Instance()
-    port = free_port()
-    stats = tmp_path / "haproxy.sock"
-    config = tmp_path / "haproxy.cfg"
-    shown = readme_block("haproxy")
-    for old, new in [
-        ("127.0.0.1:1234", f"127.0.0.1:{port}"),
-        ("127.0.0.1:9001", f"127.0.0.1:{a.port}"),
-        ("127.0.0.1:9002", f"127.0.0.1:{b.port}"),
-        ("inter 2s fall 2", "inter 200ms fall 1"),  # notice a stopped instance sooner
-    ]:
-        assert old in shown
-        shown = shown.replace(old, new)
-    config.write_text(f"global\n    stats socket {stats} mode 600 level admin\n\n{shown}")
-    assert HAPROXY is not None
-    proxy = subprocess.Popen(
-        [HAPROXY, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_for(lambda: stats.exists(), "HAProxy's stats socket")
-        wait_for(lambda: backend_status(stats) == {"a": "UP", "b": "UP"}, "both health checks UP")
-        yield port, stats, a, b
-    finally:
-        proxy.terminate()
-        proxy.wait(timeout=10)
-        assert proxy.stdout is not None
-        proxy.stdout.close()
-        a.stop()
-        b.stop()
+def cluster(
+    tmp_path: Path,
+) -> Iterator[tuple[int, Path, AioserverProcess, AioserverProcess]]:
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(instance())
+        b = stack.enter_context(instance())
+        port = free_port()
+        stats = tmp_path / "haproxy.sock"
+        config = tmp_path / "haproxy.cfg"
+        shown = readme_block("haproxy")
+        for old, new in [
+            ("127.0.0.1:1234", f"127.0.0.1:{port}"),
+            ("127.0.0.1:9001", f"127.0.0.1:{a.port}"),
+            ("127.0.0.1:9002", f"127.0.0.1:{b.port}"),
+            ("inter 2s fall 2", "inter 200ms fall 1"),  # notice a stopped instance sooner
+        ]:
+            assert old in shown
+            shown = shown.replace(old, new)
+        config.write_text(f"global\n    stats socket {stats} mode 600 level admin\n\n{shown}")
+        assert HAPROXY is not None
+        proxy = subprocess.Popen(
+            [HAPROXY, "-f", str(config), "-db"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(lambda: stats.exists(), "HAProxy's stats socket")
+            wait_for(
+                lambda: backend_status(stats) == {"a": "UP", "b": "UP"}, "both health checks UP"
+            )
+            yield port, stats, a, b
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=10)
+            assert proxy.stdout is not None
+            proxy.stdout.close()
 
 
 def talk(port: int, lines: int) -> int:
@@ -165,16 +130,16 @@ def talk(port: int, lines: int) -> int:
 
 @needs_haproxy
 def test_fifty_clients_through_haproxy_reach_both_instances_with_their_real_ports(
-    cluster: tuple[int, Path, Instance, Instance],
+    cluster: tuple[int, Path, AioserverProcess, AioserverProcess],
 ) -> None:
     port, stats, a, b = cluster
     with ThreadPoolExecutor(max_workers=50) as pool:
         client_ports = list(pool.map(lambda _: talk(port, 20), range(50)))
     assert len(set(client_ports)) == 50
 
-    def logged_ports(instance: Instance) -> set[int]:
+    def logged_ports(server: AioserverProcess) -> set[int]:
         found = set()
-        for line in instance.log:
+        for line in server.stderr.splitlines():
             match = re.search(r"127\.0\.0\.1:(\d+) closed after", line)
             if match:
                 found.add(int(match.group(1)))
@@ -191,8 +156,9 @@ def test_fifty_clients_through_haproxy_reach_both_instances_with_their_real_port
     assert backend_status(stats) == {"a": "UP", "b": "UP"}
 
     # Stop one instance: HAProxy marks it down and the other serves everyone.
-    assert a.stop() == 0
-    assert any("Stopped" in line for line in a.log)
+    a.stop(timeout=10)
+    assert a.returncode == 0
+    assert "Stopped" in a.stderr
     wait_for(lambda: backend_status(stats).get("a") == "DOWN", "instance a marked DOWN")
     with ThreadPoolExecutor(max_workers=20) as pool:
         later = list(pool.map(lambda _: talk(port, 5), range(20)))
@@ -204,29 +170,21 @@ def test_the_systemd_unit_command_stops_cleanly_on_its_kill_signal() -> None:
     settings = dict(
         line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
     )
-    command = shlex.split(settings["ExecStart"])
-    assert command[0].endswith("/aioserver")
-    command = [sys.executable, "-m", "aioserver", *command[1:]]
-    command[command.index("--port") + 1] = "0"
+    executable, *args = shlex.split(settings["ExecStart"])
+    assert executable.endswith("/aioserver")
+    args[args.index("--port") + 1] = "0"
     kill_signal = signal.Signals[settings["KillSignal"]]
     stop_timeout = float(settings["TimeoutStopSec"])
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline().decode().rsplit(":", 1)[1])
+    with start_aioserver(*args) as server:
         header = b"PROXY TCP4 198.51.100.1 127.0.0.1 5000 9001\r\n"
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
             client.sendall(header + b"hi\n")
             assert client.recv(100) == PREFIX + b"hi\n"
             started = time.monotonic()
-            process.send_signal(kill_signal)
+            server.process.send_signal(kill_signal)
             assert client.recv(100) == b""
-        _, err = process.communicate(timeout=stop_timeout)
+        server.finish(timeout=stop_timeout)
         assert time.monotonic() - started < stop_timeout
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0
-    assert b"Traceback" not in err
-    assert b"198.51.100.1:5000 closed after" in err
+    assert server.returncode == 0
+    assert "Traceback" not in server.stderr
+    assert "198.51.100.1:5000 closed after" in server.stderr

@@ -17,6 +17,8 @@ from aioserver import thanks
 from aioserver.pytest_plugin import ServerFactory, ThreadedServerFactory
 from aioserver.testing import Ending, TestServer, ThreadedTestServer
 
+from .helpers import PREFIX
+
 pytest_plugins = ["pytester"]
 
 # Several pytest start-ups per project; far above what they need, below the
@@ -436,8 +438,8 @@ def test_the_readme_example_passes(pytester: pytest.Pytester, mode: str) -> None
 
 
 @pytest.mark.asyncio
-async def test_fixtures_in_process(
-    echo_server: TestServer, thanks_server: TestServer, server_factory: ServerFactory
+async def test_in_loop_fixtures_in_process(
+    echo_server: TestServer, thanks_server: TestServer
 ) -> None:
     loop = asyncio.get_running_loop()
     assert echo_server.loop is thanks_server.loop is loop
@@ -446,7 +448,17 @@ async def test_fixtures_in_process(
     assert await reader.readexactly(4) == b"echo"
     writer.close()
     await writer.wait_closed()
+    reader, writer = await asyncio.open_connection(*thanks_server.address)
+    writer.write(b"hi\n")
+    assert await reader.readline() == PREFIX + b"hi\n"
+    writer.close()
+    await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_server_factory_in_process(server_factory: ServerFactory) -> None:
     custom = await server_factory(thanks, max_message_size=8)
+    assert custom.loop is asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(*custom.address)
     writer.write(b"far too long\n")
     assert await reader.read() == b"Error: message longer than 8 bytes\n"
@@ -457,16 +469,21 @@ async def test_fixtures_in_process(
     assert server_factory.servers == [custom]
 
 
-def test_threaded_fixtures_in_process(
-    threaded_thanks_server: ThreadedTestServer, threaded_server_factory: ThreadedServerFactory
+def talk_blocking(address: tuple[str, int], data: bytes) -> bytes:
+    """Send `data`, half-close, and return up to 64 bytes of the reply."""
+    with socket.create_connection(address) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(64)
+
+
+def test_threaded_thanks_server_in_process(threaded_thanks_server: ThreadedTestServer) -> None:
+    assert talk_blocking(threaded_thanks_server.address, b"hi\n") == PREFIX + b"hi\n"
+
+
+def test_threaded_server_factory_in_process(
+    threaded_server_factory: ThreadedServerFactory,
 ) -> None:
     echo_server = threaded_server_factory(loop="asyncio")
-    for server, reply in [
-        (threaded_thanks_server, b"Thank you for your message hi\n"),
-        (echo_server, b"hi\n"),
-    ]:
-        with socket.create_connection(server.address) as sock:
-            sock.sendall(b"hi\n")
-            sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(64) == reply
+    assert talk_blocking(echo_server.address, b"hi\n") == b"hi\n"
     assert threaded_server_factory.servers == [echo_server]

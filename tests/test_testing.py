@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-import trustme
 
 from aioserver import echo, thanks
 from aioserver.testing import (
@@ -25,7 +23,7 @@ from aioserver.testing import (
     WrongLoopError,
 )
 
-from .conftest import open_fds
+from .helpers import PREFIX, close, needs_ipv6, open_fds
 
 # Long enough to stand far above loopback latency, short enough to keep tests quick.
 DELAY = 0.25
@@ -48,12 +46,6 @@ async def talk(address: tuple[str, int], data: bytes) -> bytes:
         return await reader.read()
     finally:
         writer.close()
-        await writer.wait_closed()
-
-
-async def close_quietly(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
 
 
@@ -90,13 +82,9 @@ async def test_records_peer_bytes_messages_and_ending() -> None:
         writer.write(b"ld\nlast")
         writer.write_eof()
         replies = await reader.read()
-        await close_quietly(writer)
+        await close(writer)
         (record,) = await server.wait_for_closed(1)
-    assert replies == (
-        b"Thank you for your message hello\r\n"
-        b"Thank you for your message world\n"
-        b"Thank you for your message last\n"
-    )
+    assert replies == PREFIX + b"hello\r\n" + PREFIX + b"world\n" + PREFIX + b"last\n"
     assert record == ConnectionRecord(
         index=0,
         peer=(sockname[0], sockname[1]),
@@ -124,7 +112,7 @@ async def test_recording_shows_exactly_what_each_of_20_concurrent_clients_sent()
             await writer.drain()
         writer.write_eof()
         replies = await reader.read()
-        await close_quietly(writer)
+        await close(writer)
         return (sockname[0], sockname[1]), sent, replies
 
     async with TestServer(thanks) as server:
@@ -140,7 +128,7 @@ async def test_recording_shows_exactly_what_each_of_20_concurrent_clients_sent()
         lines = sent.splitlines(keepends=True)
         assert record.received == sent
         assert record.messages == lines
-        assert record.sent == replies == b"".join(b"Thank you for your message " + x for x in lines)
+        assert record.sent == replies == b"".join(PREFIX + x for x in lines)
         assert record.ended is Ending.CLIENT_CLOSED
     assert sorted(messages) == sorted(
         line for _, sent, _ in results for line in sent.splitlines(True)
@@ -163,15 +151,27 @@ async def test_waits_return_at_the_count_and_time_out_with_what_arrived() -> Non
             await server.wait_for_messages(3, timeout=0.01)
         with pytest.raises(TimeoutError, match=r"for 1 closed connections, but 0 closed"):
             await server.wait_for_closed(1, timeout=0.01)
-        with pytest.raises(ValueError, match="n must be"):
-            await server.wait_for_messages(-1)
-        with pytest.raises(ValueError, match="timeout must not be negative"):
-            await server.wait_for_messages(1, timeout=-1)
-        await close_quietly(writer)
-        assert (await reader.read()).startswith(b"Thank you for your message one\n")
+        await close(writer)
+        assert (await reader.read()).startswith(PREFIX + b"one\n")
         (record,) = await server.wait_for_closed(1)
         assert record.ended is Ending.CLIENT_CLOSED
+
+
+def test_waits_time_out_after_5_s_by_default() -> None:
     assert DEFAULT_WAIT_TIMEOUT == 5.0
+
+
+@pytest.mark.parametrize("wait", ["wait_for_connections", "wait_for_messages", "wait_for_closed"])
+@pytest.mark.parametrize(
+    ("n", "timeout", "match"),
+    [(-1, 1.0, "n must be"), (1, -1.0, "timeout must not be negative")],
+    ids=["negative-n", "negative-timeout"],
+)
+@pytest.mark.asyncio
+async def test_waits_refuse_bad_arguments(wait: str, n: int, timeout: float, match: str) -> None:
+    async with TestServer() as server:
+        with pytest.raises(ValueError, match=match):
+            await getattr(server, wait)(n, timeout=timeout)
 
 
 @pytest.mark.asyncio
@@ -185,7 +185,7 @@ async def test_stop_ends_open_connections_and_leaves_nothing_behind() -> None:
     assert time.monotonic() - started < 1.0  # delayed replies are dropped, not awaited
     assert only_task_left()
     assert await reader.read() == b""
-    await close_quietly(writer)
+    await close(writer)
     (record,) = server.connections
     assert record.received == b"owed a reply in 30 s\n"
     assert record.sent == b""
@@ -244,7 +244,7 @@ async def test_custom_handler_is_switchable_and_sees_a_stream_api() -> None:
         server.handler = hang_up
         reader, writer = await asyncio.open_connection(*server.address)
         assert await reader.read() == b"bye\n"
-        await close_quietly(writer)
+        await close(writer)
         records = await server.wait_for_closed(4)
     assert [record.ended for record in records] == [
         Ending.CLIENT_CLOSED,
@@ -279,15 +279,15 @@ async def test_delay_fault_is_measured_by_the_client_and_switches_off() -> None:
         reader, writer = await asyncio.open_connection(*server.address)
         started = time.monotonic()
         writer.write(b"slow\n")
-        assert await reader.readline() == b"Thank you for your message slow\n"
+        assert await reader.readline() == PREFIX + b"slow\n"
         delayed = time.monotonic() - started
 
         server.faults.delay = 0
         started = time.monotonic()
         writer.write(b"fast\n")
-        assert await reader.readline() == b"Thank you for your message fast\n"
+        assert await reader.readline() == PREFIX + b"fast\n"
         prompt = time.monotonic() - started
-        await close_quietly(writer)
+        await close(writer)
     assert delayed >= DELAY - TIMER_SLACK
     assert prompt < DELAY
 
@@ -334,7 +334,7 @@ async def test_close_after_fault_gives_eof_after_exactly_n_bytes() -> None:
 @pytest.mark.asyncio
 async def test_close_after_with_delayed_replies_cuts_at_n_bytes() -> None:
     async with TestServer(thanks, faults=Faults(delay=0.01, close_after=30)) as server:
-        assert await talk(server.address, b"a\nb\n") == b"Thank you for your message a\nT"
+        assert await talk(server.address, b"a\nb\n") == PREFIX + b"a\nT"
         (record,) = await server.wait_for_closed(1)
     assert record.ended is Ending.CLOSED_BY_FAULT
 
@@ -346,7 +346,7 @@ async def test_reset_fault_gives_the_client_econnreset() -> None:
         writer.write(b"x")
         with pytest.raises(ConnectionResetError):
             await reader.read()
-        await close_quietly(writer)
+        await close(writer)
         (record,) = await server.wait_for_closed(1)
     assert record.received == b"x"
     assert record.sent == b""
@@ -386,7 +386,7 @@ async def test_refuse_and_accept_again_on_the_same_port() -> None:
         address = server.address
         reader, writer = await asyncio.open_connection(*address)
         writer.write(b"before\n")
-        assert await reader.readline() == b"Thank you for your message before\n"
+        assert await reader.readline() == PREFIX + b"before\n"
 
         await server.refuse_connections()
         await server.refuse_connections()  # again: harmless
@@ -394,7 +394,7 @@ async def test_refuse_and_accept_again_on_the_same_port() -> None:
         assert not server.is_serving
         assert server.address == address
         assert await reader.read() == b""  # down: open connections end too
-        await close_quietly(writer)
+        await close(writer)
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(*address)
 
@@ -402,7 +402,7 @@ async def test_refuse_and_accept_again_on_the_same_port() -> None:
         await server.accept_connections()  # again: harmless
         assert server.is_serving
         assert server.server.port == address[1]
-        assert await talk(address, b"after\n") == b"Thank you for your message after\n"
+        assert await talk(address, b"after\n") == PREFIX + b"after\n"
         records = await server.wait_for_closed(2)
     assert [(r.index, r.messages, r.ended) for r in records] == [
         (0, [b"before\n"], Ending.SERVER_STOPPED),
@@ -423,16 +423,7 @@ async def test_stop_while_refusing_releases_the_port() -> None:
         probe.close()
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+@needs_ipv6
 @pytest.mark.asyncio
 async def test_ipv6_loopback() -> None:
     server = TestServer(host="::1")
@@ -447,40 +438,43 @@ async def test_ipv6_loopback() -> None:
 
 
 @pytest.mark.asyncio
-async def test_tls_records_the_plaintext() -> None:
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    authority.configure_trust(client_context)
-    async with TestServer(thanks, ssl=server_context) as server:
+async def test_tls_records_the_plaintext(
+    server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    async with TestServer(thanks, ssl=server_tls_context) as server:
         reader, writer = await asyncio.open_connection(
-            *server.address, ssl=client_context, server_hostname="127.0.0.1"
+            *server.address, ssl=client_tls_context, server_hostname="127.0.0.1"
         )
         writer.write(b"secret\n")
-        assert await reader.readline() == b"Thank you for your message secret\n"
-        await close_quietly(writer)
+        assert await reader.readline() == PREFIX + b"secret\n"
+        await close(writer)
         (record,) = await server.wait_for_closed(1)
     assert record.received == b"secret\n"
-    assert record.sent == b"Thank you for your message secret\n"
+    assert record.sent == PREFIX + b"secret\n"
 
 
 # Misuse.
 
 
-def test_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="host must be an IP address"):
-        TestServer(host="localhost")
-    with pytest.raises(ValueError, match="max_connections"):
-        TestServer(max_connections=0)
-    with pytest.raises(ValueError, match="delay must be"):
-        Faults(delay=-1)
-    with pytest.raises(ValueError, match="delay must be"):
-        Faults(delay=float("inf"))
-    with pytest.raises(ValueError, match="close_after must be"):
-        Faults(close_after=-1)
-    with pytest.raises(ValueError, match="unknown loop"):
-        ThreadedTestServer(loop="trio")
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        pytest.param(
+            lambda: TestServer(host="localhost"), "host must be an IP address", id="host-name"
+        ),
+        pytest.param(lambda: TestServer(max_connections=0), "max_connections", id="max-conn-0"),
+        pytest.param(lambda: Faults(delay=-1), "delay must be", id="delay-negative"),
+        pytest.param(lambda: Faults(delay=float("inf")), "delay must be", id="delay-inf"),
+        pytest.param(lambda: Faults(close_after=-1), "close_after must be", id="close-after-neg"),
+        pytest.param(lambda: ThreadedTestServer(loop="trio"), "unknown loop", id="loop-trio"),
+    ],
+)
+def test_options_are_checked(make: Callable[[], object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_faults_repr_and_clear() -> None:
     faults = Faults(delay=1, close_after=2, reset=True, stall=True)
     assert repr(faults) == "Faults(delay=1.0, close_after=2, reset=True, stall=True)"
     faults.clear()
@@ -558,7 +552,7 @@ def test_threaded_server_serves_plain_sockets(loop_name: str) -> None:
             sock.sendall(b"one\ntwo")
             sock.shutdown(socket.SHUT_WR)
             replies = recv_all(sock)
-        assert replies == b"Thank you for your message one\nThank you for your message two\n"
+        assert replies == PREFIX + b"one\n" + PREFIX + b"two\n"
         assert server.wait_for_messages(2) == [b"one\n", b"two"]
         (record,) = server.wait_for_closed(1)
         assert server.wait_for_connections(1) == [record]

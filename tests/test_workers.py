@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .helpers import AioserverProcess, start_aioserver
 
 PID_HANDLER = """\
 import asyncio, os
@@ -23,44 +24,29 @@ async def pid(reader, writer):
     writer.close()
 """
 
+# How long the supervisor may take to replace a killed worker.
+REPLACEMENT_TIMEOUT = 15.0
+
 
 @pytest.fixture
-def supervisor(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def supervisor(tmp_path: Path) -> Iterator[AioserverProcess]:
     (tmp_path / "pidhandler.py").write_text(PID_HANDLER)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aioserver",
-            "--protocol",
-            "pidhandler:pid",
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--shutdown-timeout",
-            "2",
-            # Hundreds of connections: their log lines would fill the stderr pipe,
-            # which this test reads only at the end.
-            "--no-access-log",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
-    assert line.startswith("Listening on 127.0.0.1:"), line
-    try:
-        yield process, int(line.rsplit(":", 1)[1])
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-        process.stdout.close()
-        assert process.stderr is not None
-        process.stderr.close()
+    pythonpath = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    with start_aioserver(
+        "--protocol",
+        "pidhandler:pid",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--shutdown-timeout",
+        "2",
+        # Hundreds of connections: keep their log lines out of the log this test reads.
+        "--no-access-log",
+        env={"PYTHONPATH": pythonpath},
+    ) as process:
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", process.address), process.address
+        yield process
 
 
 def ask_pid(port: int) -> int:
@@ -83,9 +69,9 @@ def pids_serving(port: int, want: int, attempts: int = 400) -> set[int]:
 
 
 def test_two_workers_share_the_port_survive_sigkill_and_stop_on_sigterm(
-    supervisor: tuple[subprocess.Popen[bytes], int],
+    supervisor: AioserverProcess,
 ) -> None:
-    process, port = supervisor
+    process, port = supervisor.process, supervisor.port
     workers = pids_serving(port, 2)
     assert len(workers) == 2
     assert process.pid not in workers
@@ -97,24 +83,27 @@ def test_two_workers_share_the_port_survive_sigkill_and_stop_on_sigterm(
     victim = (workers - {survivor_pid}).pop()
     os.kill(victim, signal.SIGKILL)
 
-    deadline = time.monotonic() + 15
+    # Until the replacement answers, only the survivor may; the victim never again.
+    deadline = time.monotonic() + REPLACEMENT_TIMEOUT
     serving = pids_serving(port, 2)
-    while serving != (serving - {victim}) or len(serving) < 2:
+    while len(serving) < 2:
+        assert serving == {survivor_pid}, f"killed {victim}, then answered: {serving}"
         assert time.monotonic() < deadline, f"no replacement for {victim}: {serving}"
-        serving = pids_serving(port, 2) - {victim}
+        serving = pids_serving(port, 2)
+    assert victim not in serving
     assert survivor_pid in serving
+    [replacement] = serving - workers  # a new process, not one of the first two
     survivor_client.sendall(b"second\n")
     assert survivor_client.recv(100) == b"%d second\n" % survivor_pid
     survivor_client.close()
 
     started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=10) == 0
+    supervisor.stop(signal.SIGTERM, timeout=10)
+    assert supervisor.returncode == 0
     assert time.monotonic() - started < 3
-    assert process.stderr is not None
-    err = process.stderr.read().decode()
+    err = supervisor.stderr
     assert "Traceback" not in err
     assert f"Worker {victim} exited (killed by SIGKILL)" in err
-    for pid in serving:
+    for pid in (survivor_pid, replacement):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
