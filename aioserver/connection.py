@@ -90,6 +90,16 @@ NEXT_PHASES: dict[Phase, frozenset[Phase]] = {
 }
 
 
+# The phases as plain names: an enum member's lookup costs ~70 ns on every read.
+_ACCEPTED = Phase.ACCEPTED
+_PROXY = Phase.PROXY
+_TLS = Phase.TLS
+_SERVING = Phase.SERVING
+_FLUSHING = Phase.FLUSHING
+_LINGERING = Phase.LINGERING
+_CLOSED = Phase.CLOSED
+
+
 class Ending(enum.Enum):
     """How a connection is ended."""
 
@@ -159,7 +169,7 @@ class Connection(asyncio.Protocol):
         self.reader = reader
         self.inner = cast(asyncio.Protocol, transport.get_protocol()) if reader else None
         # The life.
-        self.phase = Phase.ACCEPTED
+        self.phase = _ACCEPTED
         self.reason = ""
         self.started = self.loop.time()
         self.task: asyncio.Task[None] | None = None
@@ -194,7 +204,7 @@ class Connection(asyncio.Protocol):
             # The PROXY header and the TLS handshake share one deadline.
             self._arm(self.started + server.handshake_timeout)
             if server.proxy_protocol:
-                self._to(Phase.PROXY)
+                self._to(_PROXY)
             else:
                 self._start_tls(b"")
             return
@@ -208,11 +218,11 @@ class Connection(asyncio.Protocol):
             self.end(Ending.LINGER, reason, last)
         else:
             self.reason = reason
-            self._to(Phase.FLUSHING)
+            self._to(_FLUSHING)
             self.raw.close()
 
     def _serve(self) -> None:
-        self._to(Phase.SERVING)
+        self._to(_SERVING)
         self._disarm()
         self._wake()
 
@@ -252,7 +262,7 @@ class Connection(asyncio.Protocol):
     def _start_tls(self, received: bytes) -> None:
         """Hand the transport to the loop's own TLS protocol, with the bytes
         already received after the PROXY header, and the deadline left."""
-        self._to(Phase.TLS)
+        self._to(_TLS)
         self._disarm()
         server = self.server
         waiter: asyncio.Future[None] = self.loop.create_future()
@@ -268,7 +278,7 @@ class Connection(asyncio.Protocol):
         waiter.add_done_callback(self._handshake_done)
         self.raw.set_protocol(tls)
         tls.connection_made(self.raw)
-        while received and self.phase is Phase.TLS:
+        while received and self.phase is _TLS:
             buffer = tls.get_buffer(len(received))
             size = min(len(buffer), len(received))
             buffer[:size] = received[:size]
@@ -287,7 +297,7 @@ class Connection(asyncio.Protocol):
 
     def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
         error = None if waiter.cancelled() else waiter.exception()
-        if self.phase is not Phase.TLS:
+        if self.phase is not _TLS:
             return  # serving already, or ended by us
         if isinstance(error, ConnectionAbortedError) and "handshake" in str(error):
             why = f"no TLS handshake within {self.server.handshake_timeout:g} s"
@@ -311,25 +321,25 @@ class Connection(asyncio.Protocol):
         if not self.reason:
             self.reason = reason
         phase = self.phase
-        if phase is Phase.CLOSED:
+        if phase is _CLOSED:
             return
         if how is Ending.RESET:
             self._reset()
             return
-        if phase is Phase.PROXY or phase is Phase.TLS:
+        if phase is _PROXY or phase is _TLS:
             self.raw.close()  # nothing is owed yet
             return
         transport = self.transport
         if last:
             self.bytes_out += len(last)
             transport.write(last)
-        if phase is Phase.SERVING or phase is Phase.ACCEPTED:
-            self._to(Phase.FLUSHING)
+        if phase is _SERVING or phase is _ACCEPTED:
+            self._to(_FLUSHING)
         if how is Ending.CLOSE:
             transport.close()
-        elif phase is not Phase.LINGERING:
+        elif phase is not _LINGERING:
             # A client turned away just after its accept may be sending now.
-            self._linger(always=phase is Phase.ACCEPTED)
+            self._linger(always=phase is _ACCEPTED)
 
     def shutdown(self) -> None:
         """The server is stopping: end within `shutdown_timeout`.
@@ -339,13 +349,13 @@ class Connection(asyncio.Protocol):
         still in its handshake or flushing is bounded by the same deadline,
         after which it is reset.
         """
-        if self.phase is Phase.PROXY or self.phase is Phase.TLS:
+        if self.phase is _PROXY or self.phase is _TLS:
             self.end(Ending.CLOSE, "server stopped")
             return
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
         self._arm(self.loop.time() + self.server.shutdown_timeout)
-        if self.phase is Phase.SERVING:
+        if self.phase is _SERVING:
             self.reason = self.reason or "server stopped"
             if self.rule is None and self.task is not None and not self.task.done():
                 self.handler_cancelled = True
@@ -366,7 +376,7 @@ class Connection(asyncio.Protocol):
         reason = f"idle for {idle_for:g} s"
         if pending:
             self.end(Ending.RESET, f"{reason} with {pending} bytes not taken")
-        elif self.rule is None and self.phase is Phase.SERVING and self.task is not None:
+        elif self.rule is None and self.phase is _SERVING and self.task is not None:
             self.reason = self.reason or reason
             self.handler_cancelled = True
             self.task.cancel()
@@ -410,7 +420,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
-        self._to(Phase.LINGERING)
+        self._to(_LINGERING)
         self.quiet = 0
         transport.resume_reading()
         if self.deadline == float("inf"):
@@ -423,19 +433,19 @@ class Connection(asyncio.Protocol):
         now = self.loop.time()
         if now >= self.deadline:
             phase = self.phase
-            if phase is Phase.PROXY:
+            if phase is _PROXY:
                 self.end(
                     Ending.CLOSE, f"no PROXY header within {self.server.handshake_timeout:g} s"
                 )
                 return
-            if phase is Phase.LINGERING:
+            if phase is _LINGERING:
                 why = "client still sending at the deadline"
             else:
                 why = "replies not taken by the deadline"
             self.reason = f"{self.reason}, then reset: {why}" if self.reason else why
             self.end(Ending.RESET, why)
             return
-        if self.phase is Phase.LINGERING:
+        if self.phase is _LINGERING:
             # Silent for a whole LINGER_TIMEOUT, with every byte sent acknowledged.
             if not self.quiet and not self.pending():
                 self.transport.close()
@@ -449,7 +459,7 @@ class Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         when = self.deadline
-        if self.phase is Phase.LINGERING:
+        if self.phase is _LINGERING:
             when = min(when, self.loop.time() + LINGER_TIMEOUT)
         self.timer = self.loop.call_at(when, self._tick)
 
@@ -472,9 +482,9 @@ class Connection(asyncio.Protocol):
 
     def _finish(self) -> None:
         """The transport is gone: the connection's life is over."""
-        if self.phase is Phase.CLOSED:
+        if self.phase is _CLOSED:
             return
-        self.phase = Phase.CLOSED
+        self.phase = _CLOSED
         self._disarm()
         self.server.forget(self)
         self._wake()
@@ -490,11 +500,11 @@ class Connection(asyncio.Protocol):
         """
         task = self.task = asyncio.current_task()
         try:
-            while self.phase < Phase.SERVING:
+            while self.phase < _SERVING:
                 await self._wait()
-            if self.rule is None and self.phase is Phase.SERVING:
+            if self.rule is None and self.phase is _SERVING:
                 await self._run_handler()
-            while self.rule is not None and self.phase is not Phase.CLOSED:
+            while self.rule is not None and self.phase is not _CLOSED:
                 await self._wait()
         except asyncio.CancelledError:
             # Not ours (the loop is closing, say): give up on the client.
@@ -542,14 +552,14 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         phase = self.phase
-        if phase is Phase.PROXY:
+        if phase is _PROXY:
             self._read_header(data)
-        elif phase is Phase.LINGERING:
+        elif phase is _LINGERING:
             self.quiet = 1  # heard from: the linger check waits on
         # FLUSHING: the protocol is done; what arrives is dropped.
 
     def eof_received(self) -> bool | None:
-        if self.phase is Phase.PROXY:
+        if self.phase is _PROXY:
             self.end(Ending.CLOSE, "closed by client before its PROXY header")
         return None  # the transport closes
 
@@ -560,7 +570,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.quiet = 0
-        if not self.transport.is_closing() and self.phase is Phase.SERVING:
+        if not self.transport.is_closing() and self.phase is _SERVING:
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -578,7 +588,7 @@ class RuleConnection(Connection):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is not Phase.SERVING:
+        if self.phase is not _SERVING:
             Connection.data_received(self, data)
             return
         self.quiet = 0
@@ -593,7 +603,7 @@ class RuleConnection(Connection):
             self.transport.write(reply)
 
     def eof_received(self) -> bool | None:
-        if self.phase is Phase.SERVING:
+        if self.phase is _SERVING:
             self.end(Ending.CLOSE, "closed by client", self.rule.finish())  # type: ignore[union-attr]
         return Connection.eof_received(self)
 
@@ -604,7 +614,7 @@ class EchoConnection(RuleConnection):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is not Phase.SERVING:
+        if self.phase is not _SERVING:
             Connection.data_received(self, data)
             return
         self.quiet = 0
@@ -620,7 +630,7 @@ class HandlerConnection(Connection):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is not Phase.SERVING:
+        if self.phase is not _SERVING:
             Connection.data_received(self, data)
             return
         self.quiet = 0
@@ -628,21 +638,21 @@ class HandlerConnection(Connection):
         self.inner.data_received(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool | None:
-        if self.phase is Phase.SERVING:
+        if self.phase is _SERVING:
             return self.inner.eof_received()  # type: ignore[union-attr]
         return Connection.eof_received(self)
 
     def pause_writing(self) -> None:
-        if self.phase >= Phase.SERVING:
+        if self.phase >= _SERVING:
             self.inner.pause_writing()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
         self.quiet = 0
-        if self.phase >= Phase.SERVING:
+        if self.phase >= _SERVING:
             self.inner.resume_writing()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase >= Phase.SERVING:
+        if self.phase >= _SERVING:
             self.inner.connection_lost(exc)  # type: ignore[union-attr]
         super().connection_lost(exc)
 
