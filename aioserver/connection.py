@@ -54,6 +54,16 @@ logger = logging.getLogger("aioserver")
 # their way. nginx's lingering close, with a shorter wait since a stop may wait
 # for it.
 LINGER_TIMEOUT = 0.5
+# Replies buffered for a client before the server stops reading from it: the
+# default of both loops' plain transports, and set on the TLS layer's too.
+WRITE_BUFFER_HIGH = 64 * 1024
+# Decrypted input the TLS layer holds before it stops reading, as a plain
+# transport reads once at a time.
+TLS_READ_BUFFER_HIGH = 64 * 1024
+# A read larger than this is answered by a reply rule a slice at a time, so a
+# client that takes no replies makes the server hold at most WRITE_BUFFER_HIGH
+# plus one slice's replies (28 x 4 KiB for empty thanks lines), plus the read.
+FEED_SLICE = 4 * 1024
 # SO_LINGER on, with a zero timeout: close() sends an RST and drops what is queued.
 _RESET_ON_CLOSE = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 
@@ -124,8 +134,10 @@ class Connection(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "deadline",
+        "eof_held",
         "handler_cancelled",
         "header",
+        "held",
         "inner",
         "loop",
         "origin",
@@ -187,6 +199,10 @@ class Connection(asyncio.Protocol):
         self.peer = _peername(transport) if server.logs_peers else None
         self.proxy_peer: Any = None
         self.header = b""
+        # A reply rule's input not answered yet (see RuleConnection), and
+        # whether the client's EOF came after it.
+        self.held = b""
+        self.eof_held = False
 
     # Phases.
 
@@ -288,6 +304,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Only the TLS layer calls this, with its transport, once the handshake is done.
         self.transport = cast(asyncio.Transport, transport)
+        # Its own buffers default to 512 KiB of replies and 256 KiB of input.
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.transport.set_read_buffer_limits(high=TLS_READ_BUFFER_HIGH)  # type: ignore[attr-defined]
         self._serve()
         if self.inner is not None:
             # The user's handler reads and writes through the TLS layer.
@@ -583,7 +602,13 @@ class Connection(asyncio.Protocol):
 
 
 class RuleConnection(Connection):
-    """Answers with a reply rule, from the transport's own callbacks."""
+    """Answers with a reply rule, from the transport's own callbacks.
+
+    A read larger than FEED_SLICE is answered a slice at a time, and what is
+    left when the client stops taking replies is held (reading paused) until it
+    takes them: a read of empty lines would otherwise make 28 times its size in
+    thanks replies at once.
+    """
 
     __slots__ = ()
 
@@ -593,6 +618,9 @@ class RuleConnection(Connection):
             return
         self.quiet = 0
         self.bytes_in += len(data)
+        if len(data) > FEED_SLICE:
+            self._feed_slices(data)
+            return
         try:
             reply = self.rule.feed(data)  # type: ignore[union-attr]
         except MessageTooLong as error:
@@ -602,8 +630,45 @@ class RuleConnection(Connection):
             self.bytes_out += len(reply)
             self.transport.write(reply)
 
+    def _feed_slices(self, data: bytes, *, hold: bool = True) -> None:
+        transport = self.transport
+        feed = self.rule.feed  # type: ignore[union-attr]
+        for start in range(0, len(data), FEED_SLICE):
+            if hold and transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                self.held = data[start:]
+                transport.pause_reading()
+                return
+            try:
+                reply = feed(data[start : start + FEED_SLICE])
+            except MessageTooLong as error:
+                self.end(Ending.LINGER, f"message longer than {error.limit} bytes", error.reply)
+                return
+            if reply:
+                self.bytes_out += len(reply)
+                transport.write(reply)
+        self.held = b""
+        if self.eof_held:
+            self.eof_received()
+
+    def resume_writing(self) -> None:
+        self.quiet = 0
+        if self.phase is not _SERVING or self.transport.is_closing():
+            return
+        if self.held:
+            self._feed_slices(self.held)
+        if not self.held:
+            self.transport.resume_reading()
+
     def eof_received(self) -> bool | None:
         if self.phase is _SERVING:
+            if self.held:
+                if self.transport.can_write_eof():
+                    self.eof_held = True  # answered once what is held is
+                    return True
+                # TLS cannot stay half-open: answer what is held now.
+                self._feed_slices(self.held, hold=False)
+                if self.phase is not _SERVING:
+                    return None
             self.end(Ending.CLOSE, "closed by client", self.rule.finish())  # type: ignore[union-attr]
         return Connection.eof_received(self)
 
