@@ -18,7 +18,7 @@ from aioserver.protocols import (
     thanks_reply,
 )
 
-PREFIX = b"Thank you for your message "
+from .helpers import PREFIX, close
 
 
 def test_echo_rule_returns_every_byte() -> None:
@@ -108,8 +108,7 @@ async def _exchange(handler: object, payload: bytes) -> bytes:
         writer.write(payload)
         writer.write_eof()
         reply = await reader.read()
-        writer.close()
-        await writer.wait_closed()
+        await close(writer)
     return reply
 
 

@@ -13,28 +13,29 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 import aioserver
 from aioserver import Server, echo, serve, thanks
 from aioserver.server import format_address
 
-from .conftest import ExceptionRecorder, open_fds, wait_until
-
-PREFIX = b"Thank you for your message "
+from .helpers import (
+    PREFIX,
+    ExceptionRecorder,
+    StartServer,
+    close,
+    needs_ipv6,
+    open_fds,
+    wait_until,
+)
 
 
 async def connect(server: Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert server.port is not None
     return await asyncio.open_connection("127.0.0.1", server.port)
-
-
-async def close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    await writer.wait_closed()
 
 
 async def echo_round_trip(port: int, size: int, seed: int) -> tuple[str, str]:
@@ -135,20 +136,30 @@ async def test_thanks_oversize_line_gets_an_error_and_others_are_served(
     assert loop_errors.contexts == []
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
+@pytest.fixture
+def raise_fd_limit() -> Iterator[Callable[[int], None]]:
+    """Raise this process's soft RLIMIT_NOFILE for the test, skipping when the
+    hard limit is too low; restore it afterwards."""
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def ensure(wanted: int) -> None:
+        soft, hard = saved
+        if soft >= wanted:
+            return
         if hard != resource.RLIM_INFINITY and hard < wanted:
             pytest.skip(f"needs {wanted} file descriptors, the hard limit is {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
+    yield ensure
+    resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
 
 @pytest.mark.asyncio
 async def test_cancelling_serve_forever_with_1000_idle_clients_is_immediate_and_clean(
-    loop_errors: ExceptionRecorder,
+    loop_errors: ExceptionRecorder, raise_fd_limit: Callable[[int], None]
 ) -> None:
     """1,000 idle clients: the stop takes under 1 s and leaves no task and no socket."""
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     # libuv keeps one reserve fd (on /dev/null) from the first accept on, to recover
     # from EMFILE: open it before counting.
     async with serve(echo, port=0) as warm_up:
@@ -319,21 +330,30 @@ async def test_client_reset_is_one_log_line_and_no_loop_error(
 
 
 @pytest.mark.asyncio
-async def test_server_reports_what_it_bound() -> None:
-    server = Server(echo, host=["127.0.0.1", "::1"] if socket.has_ipv6 else "127.0.0.1", port=0)
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        pytest.param("127.0.0.1", {"127.0.0.1": "127.0.0.1:{}"}, id="ipv4"),
+        pytest.param(
+            ["127.0.0.1", "::1"],
+            {"127.0.0.1": "127.0.0.1:{}", "::1": "[::1]:{}"},
+            id="ipv4-and-ipv6",
+            marks=needs_ipv6,
+        ),
+    ],
+)
+async def test_server_reports_what_it_bound(host: str | list[str], shown: dict[str, str]) -> None:
+    """`shown` maps each address bound to how `addresses` shows it, port as {}."""
+    server = Server(echo, host=host, port=0)
     assert server.addresses == []
     assert server.port is None
     assert not server.is_serving()
-    try:
-        await server.start()
-    except OSError as error:
-        pytest.skip(f"no IPv6 loopback here: {error}")
+    await server.start()
     try:
         assert server.is_serving()
-        assert server.addresses[0] == f"127.0.0.1:{server.port}"
-        if len(server.addresses) > 1:
-            assert server.addresses[1] == f"[::1]:{server.port}"
-            reader, writer = await asyncio.open_connection("::1", server.port)
+        assert server.addresses == [address.format(server.port) for address in shown.values()]
+        for ip in shown:
+            reader, writer = await asyncio.open_connection(ip, server.port)
             writer.write(b"six")
             assert await reader.readexactly(3) == b"six"
             await close(writer)
@@ -375,21 +395,14 @@ async def test_unix_socket_replaces_a_stale_file_and_refuses_others(tmp_path: Pa
     assert regular.read_bytes() == b"keep me"
 
 
-@pytest.fixture(scope="module")
-def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return server_context, client_context
-
-
 @pytest.mark.asyncio
-async def test_tls_echo(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
-    server_context, client_context = tls
-    async with serve(thanks, port=0, ssl=server_context) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client_context)
+async def test_tls_echo(
+    server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    async with serve(thanks, port=0, ssl=server_tls_context) as server:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=client_tls_context
+        )
         writer.write(b"secret\n")
         assert await reader.readline() == PREFIX + b"secret\n"
         await close(writer)
@@ -458,39 +471,33 @@ def _rss_kib(pid: int) -> int:
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_a_client_that_never_reads_holds_bounded_memory(loop: str) -> None:
+def test_a_client_that_never_reads_holds_bounded_memory(
+    start_server: StartServer, loop: str
+) -> None:
     """A client pushing 64 MiB without reading raises server RSS by under 16 MiB."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "aioserver", "--port", "0", "--loop", loop, "--log-level", "error"],
-        stdout=subprocess.PIPE,
-    )
-    assert child.stdout is not None
-    try:
-        port = int(child.stdout.readline().decode().rsplit(":", 1)[1])
-        rss_before = _rss_kib(child.pid)
-        hog = socket.create_connection(("127.0.0.1", port))
-        hog.setblocking(False)
-        chunk = b"\xab" * 65536
-        sent, blocked_since = 0, None
-        deadline = time.monotonic() + 20
-        while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
-            try:
-                sent += hog.send(chunk)
-                blocked_since = None
-            except BlockingIOError:
-                # Blocked for 1 s: the server has stopped reading, as it should.
-                blocked_since = blocked_since or time.monotonic()
-                if time.monotonic() - blocked_since > 1.0:
-                    break
-                time.sleep(0.01)
-        grown = _rss_kib(child.pid) - rss_before
-        assert grown < 16 * 1024, f"RSS grew by {grown} KiB after {sent} bytes"
-        assert sent < 64 * 1024 * 1024  # the kernel and the server stopped taking more
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
-            other.sendall(b"second client")
-            assert other.recv(100) == b"second client"
-        hog.close()
-    finally:
-        child.terminate()
-        child.wait(timeout=10)
-        child.stdout.close()
+    server = start_server("--port", "0", "--loop", loop, "--log-level", "error")
+    port = server.port
+    rss_before = _rss_kib(server.pid)
+    hog = socket.create_connection(("127.0.0.1", port))
+    hog.setblocking(False)
+    chunk = b"\xab" * 65536
+    sent, blocked_since = 0, None
+    deadline = time.monotonic() + 20
+    while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+        try:
+            sent += hog.send(chunk)
+            blocked_since = None
+        except BlockingIOError:
+            # Blocked for 1 s: the server has stopped reading, as it should.
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 1.0:
+                break
+            time.sleep(0.01)
+    grown = _rss_kib(server.pid) - rss_before
+    assert grown < 16 * 1024, f"RSS grew by {grown} KiB after {sent} bytes"
+    assert sent < 64 * 1024 * 1024  # the kernel and the server stopped taking more
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+        other.sendall(b"second client")
+        assert other.recv(100) == b"second client"
+    hog.close()
+    server.stop()  # SIGTERM, as before; the fixture kills it if a check failed
