@@ -240,6 +240,7 @@ class Connection(asyncio.Protocol):
     def _serve(self) -> None:
         self._to(_SERVING)
         self._disarm()
+        self.deadline = float("inf")  # the handshake's is met
         self._wake()
 
     def _read_header(self, data: bytes) -> None:
@@ -458,7 +459,7 @@ class Connection(asyncio.Protocol):
                 )
                 return
             if phase is _LINGERING:
-                why = "client still sending at the deadline"
+                why = "client still sending, or not acknowledging, at the deadline"
             else:
                 why = "replies not taken by the deadline"
             self.reason = f"{self.reason}, then reset: {why}" if self.reason else why
@@ -781,6 +782,11 @@ class CountingWriter(asyncio.StreamWriter):
         )
         self._connection = connection
 
+    def __del__(self) -> None:
+        # StreamWriter closes an open transport when collected; this one's
+        # transport belongs to the connection, which may be lingering on it.
+        pass
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         connection = self._connection
         connection.bytes_out += len(data)
@@ -823,7 +829,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, asyncio.IncompleteReadError):
         return "closed by client mid-message"
     if isinstance(exc, ssl_module.SSLError):
-        return f"TLS error: {printable(str(exc.reason or exc))}"
+        return f"TLS error: {printable(str(getattr(exc, 'reason', None) or exc))}"
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
     return printable(f"{type(exc).__name__}: {exc}")
