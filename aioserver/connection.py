@@ -265,6 +265,8 @@ class Connection(asyncio.Protocol):
         if peer is not None:
             self.proxy_peer = self.peer = peer
         if self.server.ssl is not None:
+            # Handshake bytes, not input: counted neither here nor later.
+            self.bytes_in -= len(rest)
             self._start_tls(rest)
             return
         self._serve()
@@ -335,11 +337,14 @@ class Connection(asyncio.Protocol):
     def end(self, how: Ending, reason: str, last: bytes = b"") -> None:
         """End the connection: `last` is written first; see `Ending`.
 
-        The first reason given is the one logged. Ending an ended connection
-        again only makes it harsher (a RESET still resets).
+        The first reason given is the one logged, with the reason of a later
+        reset after it. Ending an ended connection again only makes it harsher
+        (a RESET still resets).
         """
         if not self.reason:
             self.reason = reason
+        elif how is Ending.RESET and reason != self.reason:
+            self.reason = f"{self.reason}, then reset: {reason}"
         phase = self.phase
         if phase is _CLOSED:
             return
@@ -460,9 +465,10 @@ class Connection(asyncio.Protocol):
                 return
             if phase is _LINGERING:
                 why = "client still sending, or not acknowledging, at the deadline"
+            elif phase is _SERVING:
+                why = "handler still running at the deadline"
             else:
                 why = "replies not taken by the deadline"
-            self.reason = f"{self.reason}, then reset: {why}" if self.reason else why
             self.end(Ending.RESET, why)
             return
         if self.phase is _LINGERING:

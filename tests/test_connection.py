@@ -770,7 +770,7 @@ def test_reset_after_close_still_resets() -> None:
     assert transport.aborted
     assert transport.socket.options == [SO_LINGER_ZERO]
     setup.loop.run_ready()
-    assert setup.forgotten == Forgotten(conn, "closed by client", 2, 0, 0.0)
+    assert setup.forgotten == Forgotten(conn, "closed by client, then reset: gave up", 2, 0, 0.0)
 
 
 @pytest.mark.parametrize(
