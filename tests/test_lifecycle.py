@@ -502,6 +502,40 @@ async def test_a_stop_resets_a_client_not_taking_its_replies_at_shutdown_timeout
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
+async def test_a_forced_stop_resets_a_client_not_taking_its_replies_at_once(
+    caplog: pytest.LogCaptureFixture, loop_errors: ExceptionRecorder
+) -> None:
+    """Guarantee: giving up resets. Cancelling a stop (what a second SIGINT or
+    SIGTERM does) resets a thanks client that sent many lines and never reads at
+    once, well before shutdown_timeout (30 s): its read ends in
+    ConnectionResetError, and the counts are only what the kernel took."""
+    caplog.set_level(logging.INFO, logger="aioserver")
+    server = Server(thanks, port=0, shutdown_timeout=30, idle_timeout=None)
+    await server.start()
+    sock = await flood_without_reading(server)
+    try:
+        written = replies_written(server.stats.bytes_in)
+        started = time.monotonic()
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0.2)
+        assert not stopping.done()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        received, ending = await asyncio.wait_for(read_to_end(sock), 10)
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    await wait_until(lambda: server.stats.active == 0, 5, "the reset connection gone")
+    assert elapsed < 5, elapsed
+    assert ending == "reset", f"a clean EOF after {len(received)} bytes"
+    reason = assert_reset_counts_only_what_the_kernel_took(server, written, received, caplog)
+    assert reason == "server stopped, then reset: stop cancelled", reason
+    assert loop_errors.contexts == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
 async def test_idle_timeout_resets_a_client_that_owes_replies(
     caplog: pytest.LogCaptureFixture, loop_errors: ExceptionRecorder
 ) -> None:
