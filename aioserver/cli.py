@@ -36,9 +36,13 @@ from .server import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_TIMEOUT,
+    MAX_CONNECTIONS_LIMIT,
+    MAX_MESSAGE_SIZE_LIMIT,
+    MAX_SECONDS,
     Server,
     format_address,
 )
+from .sockets import MAX_BACKLOG
 
 __all__ = ["StartupError", "build_parser", "load_handler", "main"]
 
@@ -46,6 +50,9 @@ ENV_PREFIX = "AIOSERVER_"
 BUILTIN_PROTOCOLS: dict[str, Handler] = {"echo": echo, "thanks": thanks}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# A worker per core is the plan; more than this is a typo that would fork a storm.
+MAX_WORKERS = 256
 
 EXIT_OK = 0
 EXIT_CANNOT_START = 1
@@ -118,8 +125,11 @@ def _port(text: str) -> int:
     return _integer(text, 0, 65535)
 
 
-def _positive_int(text: str) -> int:
-    return _integer(text, 1)
+def _up_to(high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _integer(text, 1, high)
+
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -127,8 +137,10 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds from 0 to {MAX_SECONDS:g}, not {text!r}"
+        )
     return value
 
 
@@ -202,7 +214,7 @@ OPTIONS = (
         metavar="PATH",
     ),
     _Option("loop", "event loop", default="auto", choices=LOOP_NAMES),
-    _Option("backlog", "listen backlog", parse=_positive_int, default=DEFAULT_BACKLOG),
+    _Option("backlog", "listen backlog", parse=_up_to(MAX_BACKLOG), default=DEFAULT_BACKLOG),
     _Option(
         "reuse-port",
         "set SO_REUSEPORT so several processes can share the port",
@@ -213,7 +225,7 @@ OPTIONS = (
     _Option(
         "max-connections",
         "clients over this are turned away at once",
-        parse=_positive_int,
+        parse=_up_to(MAX_CONNECTIONS_LIMIT),
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
     ),
@@ -227,7 +239,7 @@ OPTIONS = (
     _Option(
         "max-message-size",
         "longest line, in bytes, the thanks protocol accepts",
-        parse=_positive_int,
+        parse=_up_to(MAX_MESSAGE_SIZE_LIMIT),
         default=DEFAULT_MAX_MESSAGE_SIZE,
         metavar="BYTES",
     ),
@@ -259,7 +271,7 @@ OPTIONS = (
         "workers",
         "worker processes sharing the listening sockets, each with its own event loop;"
         " 1 serves from this process",
-        parse=_positive_int,
+        parse=_up_to(MAX_WORKERS),
         default=1,
         metavar="N",
     ),
@@ -376,8 +388,16 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | 
 
 
 def _print_listening(server: Server) -> None:
-    for address in server.addresses:
-        print(f"Listening on {address}", flush=True)
+    try:
+        for address in server.addresses:
+            print(f"Listening on {address}", flush=True)
+    except BrokenPipeError:
+        # Whoever read stdout has gone; the server serves on. Later writes to
+        # stdout (and the flush at exit) go nowhere instead of failing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        logger.warning("stdout is closed: the Listening lines were not read")
 
 
 def _bind_error(error: OSError, args: argparse.Namespace) -> str:

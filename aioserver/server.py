@@ -35,6 +35,7 @@ from .sockets import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    MAX_BACKLOG,
     bind_sockets_async,
     format_address,
 )
@@ -47,6 +48,9 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "HANDSHAKE_TIMEOUT",
+    "MAX_CONNECTIONS_LIMIT",
+    "MAX_MESSAGE_SIZE_LIMIT",
+    "MAX_SECONDS",
     "Server",
     "Stats",
     "format_address",
@@ -61,6 +65,12 @@ access_logger = logging.getLogger("aioserver.access")
 # the replies to one read, and the kernel its socket buffers: README's "Limits
 # and guarantees" gives the figures measured.
 DEFAULT_MAX_CONNECTIONS = 10_000
+# Linux's default fs.nr_open: no process can hold more descriptors than this.
+MAX_CONNECTIONS_LIMIT = 1_048_576
+# A line is held whole in memory until it is answered.
+MAX_MESSAGE_SIZE_LIMIT = 1 << 30
+# About 11.6 days: a longer timeout means never (the idle timeout takes None).
+MAX_SECONDS = 1_000_000.0
 # Five minutes: far longer than any pause of a live client, short enough that
 # abandoned connections do not pile up.
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -169,13 +179,16 @@ class Server:
         if not callable(handler):
             raise TypeError(f"handler must be a coroutine function, not {handler!r}")
         _check_range("port", port, 0, 65535)
-        _check_range("backlog", backlog, 1)
-        _check_range("max_connections", max_connections, 1)
-        _check_range("max_message_size", max_message_size, 1)
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise ValueError("idle_timeout must be positive, or None for no timeout")
-        if shutdown_timeout < 0:
-            raise ValueError("shutdown_timeout must not be negative")
+        _check_range("backlog", backlog, 1, MAX_BACKLOG)
+        _check_range("max_connections", max_connections, 1, MAX_CONNECTIONS_LIMIT)
+        _check_range("max_message_size", max_message_size, 1, MAX_MESSAGE_SIZE_LIMIT)
+        if idle_timeout is not None and not 0 < idle_timeout <= MAX_SECONDS:
+            raise ValueError(
+                f"idle_timeout must be positive and at most {MAX_SECONDS:g} s,"
+                " or None for no timeout"
+            )
+        if not 0 <= shutdown_timeout <= MAX_SECONDS:
+            raise ValueError(f"shutdown_timeout must be between 0 and {MAX_SECONDS:g} s")
         if isinstance(proxy_allow, str):
             proxy_allow = [proxy_allow]
         self.handler = handler

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "MAX_BACKLOG",
     "ResolvedAddress",
     "bind_resolved",
     "bind_sockets",
@@ -49,6 +50,9 @@ DEFAULT_PORT = 1234
 # As uvicorn: enough for a burst of thousands of connects; the kernel caps it at
 # net.core.somaxconn anyway.
 DEFAULT_BACKLOG = 2048
+# listen() takes a C int, and Linux caps the queue at net.core.somaxconn (4096
+# by default) anyway: a larger backlog is a typo, not a plan.
+MAX_BACKLOG = 65535
 # TCP port numbers are 16 bits; 0 asks the kernel to pick a free one.
 MAX_PORT = 65535
 # Addresses to listen on, not to connect to: a None host means every interface
@@ -297,8 +301,8 @@ def _check_port(port: int) -> None:
 
 
 def _check_backlog(backlog: int) -> None:
-    if not isinstance(backlog, int) or backlog < 1:
-        raise ValueError(f"backlog must be an integer at least 1, not {backlog!r}")
+    if not isinstance(backlog, int) or not 1 <= backlog <= MAX_BACKLOG:
+        raise ValueError(f"backlog must be an integer between 1 and {MAX_BACKLOG}, not {backlog!r}")
 
 
 def format_address(sockname: Any) -> str:

@@ -35,6 +35,8 @@ from .helpers import (
     AioserverProcess,
     Entry,
     StartServer,
+    aioserver_argv,
+    aioserver_env,
     close,
     expected_thanks,
     needs_ipv6,
@@ -795,7 +797,9 @@ def test_option_values(parse: Callable[[str], object], text: str, value: object)
         (cli._seconds, "-1"),
         (cli._seconds, "inf"),
         (cli._seconds, "nan"),
-        (cli._positive_int, "0"),
+        (cli._seconds, "1e300"),
+        (cli._up_to(5), "0"),
+        (cli._up_to(5), "6"),
         (cli._flag, "maybe"),
     ],
     ids=[
@@ -803,13 +807,78 @@ def test_option_values(parse: Callable[[str], object], text: str, value: object)
         "seconds-negative",
         "seconds-inf",
         "seconds-nan",
-        "positive-int-0",
+        "seconds-huge",
+        "up-to-0",
+        "up-to-over",
         "flag-maybe",
     ],
 )
 def test_bad_option_values(parse: Callable[[str], object], text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse(text)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--backlog", "2147483648"),
+        ("--backlog", "0"),
+        ("--port", "65536"),
+        ("--max-connections", "1048577"),
+        ("--max-message-size", str((1 << 30) + 1)),
+        ("--workers", "257"),
+        ("--idle-timeout", "1e300"),
+        ("--shutdown-timeout", "1000001"),
+    ],
+    ids=lambda value: str(value).lstrip("-"),
+)
+def test_every_number_is_bounded_before_use(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Out of its bounds, a numeric option is one line and exit 2, never a
+    traceback from deeper down (a backlog of 2**31 was an OverflowError)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli._parse(cli.build_parser(), [option, value], {})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"aioserver: error: argument {option}: expected a number"), error
+
+
+def test_a_closed_stdout_is_not_a_bind_error_and_the_server_serves_on() -> None:
+    """Whoever reads stdout may go away before the Listening line: the server
+    warns once, serves on, and stops with exit 0 as usual."""
+    process = subprocess.Popen(
+        aioserver_argv(["--port", "0", "--loop", "asyncio"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=aioserver_env(),
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # before the server writes a line
+    try:
+        lines: list[str] = []
+        while not any("Listening on" in line for line in lines):
+            line = process.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        port = int(lines[-1].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"still here")
+            assert sock.recv(100) == b"still here"
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    log = "".join(lines) + rest
+    assert "stdout is closed: the Listening lines were not read" in log
+    assert "cannot listen" not in log
+    assert "Traceback" not in log
 
 
 ENV = {"AIOSERVER_HOST": "::1, 127.0.0.1", "AIOSERVER_LOOP": "asyncio", "AIOSERVER_UNIX": ""}
