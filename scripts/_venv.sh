@@ -7,6 +7,12 @@ python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    # The distribution was called "aioserver" before it became "aioserver-tcp"
+    # (PyPI's "aioserver" is another project): remove that install, which would
+    # otherwise stay beside the new one with the same command and pytest plugin.
+    if "$venv/bin/python" -m pip show --quiet aioserver >/dev/null 2>&1; then
+        "$venv/bin/python" -m pip uninstall --quiet --yes aioserver >/dev/null
+    fi
     if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]"; then
         echo "scripts: installing into $venv failed" >&2
         exit 1
