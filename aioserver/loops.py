@@ -31,7 +31,7 @@ def resolve_loop(name: str) -> Literal["asyncio", "uvloop"]:
     except ImportError as error:
         if name == "uvloop":
             raise RuntimeError(
-                "uvloop is not installed: pip install 'aioserver[uvloop]'"
+                "uvloop is not installed: pip install 'aioserver-tcp[uvloop]'"
             ) from error
         return "asyncio"
     return "uvloop"

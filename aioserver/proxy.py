@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from proxyprotocol.detect import ProxyProtocolDetect
 from proxyprotocol.result import is_ipv4, is_ipv6, is_local, is_unix, is_unknown
@@ -188,6 +188,10 @@ def _checked_peer(peername: Any, version: int) -> Peer:
         raise ProxyHeaderError(f"PROXY header names no port: {printable(repr(port))}")
     if version == 4:
         return str(address), port
+    mapped = cast(ipaddress.IPv6Address, address).ipv4_mapped
+    if mapped is not None:
+        # As the socket module writes it (and str() does from Python 3.13 on).
+        return f"::ffff:{mapped}", port, 0, 0
     return str(address), port, 0, 0
 
 

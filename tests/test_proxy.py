@@ -109,7 +109,7 @@ V2_UNIX_NON_ASCII = V2_UNIX.replace(b"client", b"\xff\x1b[2J!")
     [
         (b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 1234\r\n", ("203.0.113.7", 40000)),
         (b"PROXY TCP6 2001:DB8:0::7 ::1 40000 1234\r\n", ("2001:db8::7", 40000, 0, 0)),
-        (b"PROXY TCP6 ::ffff:203.0.113.7 ::1 1 2\r\n", ("::ffff:cb00:7107", 1, 0, 0)),
+        (b"PROXY TCP6 ::ffff:203.0.113.7 ::1 1 2\r\n", ("::ffff:203.0.113.7", 1, 0, 0)),
         (b"PROXY UNKNOWN\r\n", None),
         (b"PROXY UNKNOWN ::1 ::1 1 2\r\n", None),
         (v2((IPv4Address("203.0.113.7"), 0), (IPv4Address("127.0.0.1"), 1)), ("203.0.113.7", 0)),
