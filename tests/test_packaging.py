@@ -106,7 +106,7 @@ def test_the_files_are_named_after_the_distribution(dists: Dists) -> None:
 def test_the_sdist_has_the_package_the_tests_and_what_they_read(dists: Dists) -> None:
     names = set(sdist_members(dists))
     expected = {"LICENSE", "README.md", "pyproject.toml", "PKG-INFO", "aioserver/py.typed"}
-    expected |= repo_files("aioserver/*.py") | repo_files("tests/*.py")
+    expected |= repo_files("aioserver/**/*.py") | repo_files("tests/*.py")
     expected |= {"docs/benchmarks.md", "docs/bench-results.json"}  # README links them
     expected |= {"scripts/serve", "scripts/test", "scripts/_venv.sh", "scripts/bench"}
     # tests/test_bench.py reads these and runs scripts/bench, which builds the C ones.
@@ -149,7 +149,7 @@ def test_the_wheel_has_the_package_and_the_license_only(dists: Dists) -> None:
         names = set(whl.namelist())
         license_text = whl.read(f"{STEM}.dist-info/licenses/LICENSE").decode()
     package = {name for name in names if name.startswith("aioserver/")}
-    assert package == repo_files("aioserver/*.py") | {"aioserver/py.typed"}
+    assert package == repo_files("aioserver/**/*.py") | {"aioserver/py.typed"}
     assert {name.split("/", 1)[0] for name in names} == {"aioserver", f"{STEM}.dist-info"}
     assert license_text == (ROOT / "LICENSE").read_text()
     assert license_text.startswith("MIT License")

@@ -1,0 +1,57 @@
+"""Test servers for integration tests: recorded connections and injected faults.
+
+`TestServer` runs on the event loop of the code that starts it (an async test, an
+async fixture); `ThreadedTestServer` runs the same server on its own loop in a
+background thread, for synchronous tests and clients that are not asyncio. Both
+bind port 0 and are accepting when handed over, so `server.port` is real and no
+test sleeps or races for a port.
+
+Every connection is recorded (`ConnectionRecord`: peer, bytes received, bytes sent,
+messages, how it ended), and helpers wait for a number of connections, messages or
+closed connections with a timeout. `Faults` switches delays, truncation, resets and
+stalls on and off while the server runs; `refuse_connections()` takes the server
+down while keeping its port, and `accept_connections()` brings it back.
+
+Stopping goes through `aioserver.Server.stop()`: the listening socket closes, every
+connection task is cancelled and awaited, every socket is closed.
+"""
+
+# The modules, by role: recording (ConnectionRecord, Ending, the waits), faults
+# (Faults, and the reader and writer that apply them), listener (the listening
+# aioserver.Server, refusing and listening again on one port), base
+# (TestServerBase: what both servers share), server (TestServer, in-loop) and
+# threaded (ThreadedTestServer, on a loop in its own thread). The names imported
+# "as" themselves are internal ones that the former single module testing.py
+# defined, importable from here as they were; they are not part of the API.
+from ..protocols import echo, thanks
+from .base import DEFAULT_WAIT_TIMEOUT, TEST_SHUTDOWN_TIMEOUT, ServerOptions
+from .base import _check_wait as _check_wait
+from .base import _handler_name as _handler_name
+from .faults import _LINGER_RESET as _LINGER_RESET
+from .faults import Faults
+from .faults import _FaultyWriter as _FaultyWriter
+from .faults import _Link as _Link
+from .faults import _peer as _peer
+from .faults import _RecordingReader as _RecordingReader
+from .listener import _placeholder as _placeholder
+from .recording import ConnectionRecord, Ending
+from .recording import _Live as _Live
+from .recording import _Recording as _Recording
+from .server import TestServer, WrongLoopError
+from .server import _wrong_loop_message as _wrong_loop_message
+from .threaded import _T as _T
+from .threaded import ThreadedTestServer
+
+__all__ = [
+    "DEFAULT_WAIT_TIMEOUT",
+    "TEST_SHUTDOWN_TIMEOUT",
+    "ConnectionRecord",
+    "Ending",
+    "Faults",
+    "ServerOptions",
+    "TestServer",
+    "ThreadedTestServer",
+    "WrongLoopError",
+    "echo",
+    "thanks",
+]

@@ -1,0 +1,78 @@
+"""The listening side of a test server: an `aioserver.Server` that can go down and
+come back on the same port.
+
+`refuse()` stops the listening server but keeps its port, with a placeholder per
+listening socket (bound, never listening, so a connect is refused and the port
+stays taken); `listen_again()` starts a new `aioserver.Server` on that port.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from ..protocols import Handler
+from ..server import Server
+
+
+class _Listener:
+    """The `aioserver.Server` a test server listens with, and its placeholders.
+
+    `serve` is the connection handler of every Server it makes; `options` are the
+    Server's keyword options (`reuse_port` on, so that a placeholder can share the
+    port). Every method runs on the server's loop.
+    """
+
+    def __init__(self, serve: Handler, host: str, port: int, options: dict[str, Any]) -> None:
+        self._serve = serve
+        self._options = options
+        self.server = Server(serve, host=host, port=port, **options)
+        self._placeholders: list[socket.socket] = []
+
+    async def start(self) -> tuple[str, int]:
+        """Bind and listen; return the bound (host, port). OSError if taken."""
+        await self.server.start()
+        sockname = self.server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def stop(self) -> None:
+        """Stop the listening server, and release the port if a placeholder held it."""
+        try:
+            await self.server.stop()
+        finally:
+            self.close_placeholders()
+
+    async def refuse(self) -> None:
+        """Stop the listening server, keeping its port with placeholders."""
+        try:
+            for sock in self.server.sockets:
+                self._placeholders.append(_placeholder(sock))
+        finally:
+            await self.server.stop()
+
+    async def listen_again(self, host: str, port: int) -> None:
+        """After `refuse()`: listen with a new Server on `port`. OSError if taken."""
+        server = Server(self._serve, host=host, port=port, **self._options)
+        await server.start()
+        self.server = server
+        self.close_placeholders()
+
+    def close_placeholders(self) -> None:
+        for sock in self._placeholders:
+            sock.close()
+        self._placeholders.clear()
+
+
+def _placeholder(listener: socket.socket) -> socket.socket:
+    """A socket bound to the listener's address that never listens: it keeps the port."""
+    sock = socket.socket(listener.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if listener.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(listener.getsockname())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
