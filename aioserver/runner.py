@@ -1,4 +1,12 @@
-"""`run`: the blocking entry point that picks the loop and serves until stopped."""
+"""`run`: the blocking entry point that picks the loop and serves until stopped.
+
+`run` owns the process's life. In the main thread it handles the stop signals
+through a `SignalInbox` (aioserver/workers.py): handlers that only record the
+signal, installed before the server is announced (`on_start`) and removed only
+after the event loop is closed, with the decisions taken by one loop that reads
+them. With workers, that loop is the supervisor's (`aioserver.workers.supervise`);
+alone, or in a worker, it is `_serve_until_stopped` on the event loop.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +16,28 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .loops import loop_factory
 from .protocols import Handler
 from .server import Server
 from .sockets import bind_sockets
-from .workers import supervise
+from .workers import (
+    QUICK_STOP_SIGNAL,
+    SERVER_SIGNALS,
+    STOP_SIGNALS,
+    SUPERVISOR_SIGNALS,
+    SignalInbox,
+    supervise,
+)
 
-__all__ = ["STOP_SIGNALS", "run"]
+__all__ = ["QUICK_STOP_SIGNAL", "STOP_SIGNALS", "run"]
 
 logger = logging.getLogger("aioserver")
 
 # The options that say what to listen on: with workers, the supervisor binds.
 BIND_OPTIONS = ("host", "port", "unix", "backlog", "reuse_port")
-# A service manager stops with SIGTERM, a person with Ctrl-C (SIGINT).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run(
@@ -34,33 +47,70 @@ def run(
     on_start: Callable[[Server], object] | None = None,
     workers: int = 1,
     **options: Any,
-) -> None:
-    """Serve `handler` on a new event loop until stopped, then return.
+) -> int:
+    """Serve `handler` on a new event loop until stopped; return the exit status.
 
     `loop` is "auto" (uvloop when it imports), "asyncio" or "uvloop"; the other
     options are those of `Server`. `on_start(server)` is called once the server
     accepts. Errors from binding (OSError) propagate.
 
-    In the main thread, SIGINT and SIGTERM are handled from before `on_start`
-    is called until `run` returns. The first stops the server gracefully, by
-    cancelling `serve_forever()` (replies owed are flushed within
-    shutdown_timeout); a second one during that stop cancels the stop, which
-    aborts the connections left at once. Either way `run` then returns normally.
-    Outside the main thread no signal is handled and it serves until the process
-    ends.
+    In the main thread, SIGINT, SIGTERM and SIGQUIT are handled from before the
+    server binds until after its event loop is closed (and so before `on_start`
+    is called); the handlers only record the signal, and the serving loop acts
+    on it. SIGINT or SIGTERM stops the server gracefully (replies owed are
+    flushed within shutdown_timeout); a second one, or SIGQUIT, aborts the
+    connections left at once. Either way `run` then returns 0. A signal that
+    comes before the server is announced stops it before it is: `on_start` is
+    not called, and for SIGINT `run` raises KeyboardInterrupt, as Ctrl-C does
+    before anything runs. Once a stop signal has come, SIGINT, SIGTERM and
+    SIGQUIT stay ignored after `run` returns, so that a repeat cannot kill the
+    process on its way out; otherwise the previous handlers are put back.
+    Outside the main thread no signal is handled and it serves until the
+    server is stopped from inside.
 
-    With `workers` above 1, this process binds the sockets, calls `on_start`
-    with a Server describing them, and supervises that many forked worker
-    processes serving them (see `aioserver.workers.supervise`); it returns once
-    a SIGINT or SIGTERM has stopped them all.
+    With `workers` above 1 (main thread only), this process binds the sockets,
+    calls `on_start` with a Server describing them, and supervises that many
+    forked worker processes serving them (see `aioserver.workers.supervise`):
+    SIGINT or SIGTERM stops every worker gracefully, a second one (or SIGQUIT)
+    at once. It returns 0 once they have all stopped cleanly, 1 if any worker
+    failed or was killed during the stop.
     """
-    if workers != 1:
-        _supervise(handler, loop, on_start, workers, options)
-        return
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if threading.current_thread() is not threading.main_thread():
+        if workers != 1:
+            raise RuntimeError("worker processes are supervised from the main thread only")
+        _serve(handler, loop, on_start, options, None, worker=False)
+        return 0
+    inbox = SignalInbox(SERVER_SIGNALS if workers == 1 else SUPERVISOR_SIGNALS)
+    inbox.install()
+    try:
+        if workers == 1:
+            served, status = _serve(handler, loop, on_start, options, inbox, worker=False), 0
+        else:
+            served, status = _supervise(handler, loop, on_start, workers, options, inbox)
+    finally:
+        inbox.close(keep_ignoring=inbox.stop_received())
+    if not served and signal.SIGINT in inbox.received:
+        raise KeyboardInterrupt
+    return status
+
+
+def _serve(
+    handler: Handler,
+    loop: str,
+    on_start: Callable[[Server], object] | None,
+    options: dict[str, Any],
+    inbox: SignalInbox | None,
+    *,
+    worker: bool,
+) -> bool:
+    """Serve in this process until stopped; whether the server was announced.
+    The loop is closed on return, the inbox still installed."""
     factory = loop_factory(loop)
     server = Server(handler, **options)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve_until_signalled(server, on_start))
+        return runner.run(_serve_until_stopped(server, on_start, inbox, _StopPolicy(worker)))
 
 
 def _supervise(
@@ -69,66 +119,134 @@ def _supervise(
     on_start: Callable[[Server], object] | None,
     workers: int,
     options: dict[str, Any],
-) -> None:
-    if workers < 1:
-        raise ValueError("workers must be at least 1")
+    inbox: SignalInbox,
+) -> tuple[bool, int]:
+    """Bind, announce and supervise the workers: (announced, exit status)."""
     loop_factory(loop)  # an unknown or missing loop fails here, once
     bind = {name: options.pop(name) for name in BIND_OPTIONS if name in options}
     sockets = bind_sockets(**bind)
     try:
         described = Server(handler, sockets=sockets, **options)
+        if inbox.stop_received():  # while binding: nothing announced, nothing forked
+            logger.info("Stopped")
+            return False, 0
         if on_start is not None:
             on_start(described)
-        supervise(
-            workers,
-            sockets,
-            lambda inherited: run(handler, loop=loop, sockets=inherited, **options),
-        )
+
+        def serve_worker(inherited: list[Any], worker_inbox: SignalInbox) -> int:
+            worker_options = {**options, "sockets": inherited}
+            _serve(handler, loop, None, worker_options, worker_inbox, worker=True)
+            return 0
+
+        return True, supervise(workers, sockets, serve_worker, signals=inbox)
     finally:
+        for sock in sockets:
+            sock.close()
         if bind.get("unix") is not None:
             with contextlib.suppress(OSError):
                 os.unlink(bind["unix"])
 
 
-async def _serve_until_signalled(
-    server: Server, on_start: Callable[[Server], object] | None
-) -> None:
-    loop = asyncio.get_running_loop()
-    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    handled = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
-    for signum in handled:
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
-    try:
+class _StopPolicy:
+    """What the stop signals have asked of a server process so far.
+
+    Alone: SIGINT or SIGTERM stops gracefully, the second one at once. As a
+    worker: SIGINT or SIGTERM stops gracefully and repeats are ignored (under
+    systemd's KillMode=control-group each worker gets SIGTERM from systemd and
+    from its supervisor: both mean the same stop). SIGQUIT stops at once.
+    """
+
+    def __init__(self, worker: bool) -> None:
+        self.worker = worker
+        self.stop = False  # stop gracefully
+        self.at_once = False  # ... and abort the connections left
+
+    def note(self, signums: Iterable[int]) -> None:
+        for signum in signums:
+            self._note(signum)
+
+    def _note(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == QUICK_STOP_SIGNAL:
+            if not self.at_once:
+                logger.warning("%s received: closing every connection now", name)
+            self.stop = self.at_once = True
+        elif signum in STOP_SIGNALS:
+            if not self.stop:
+                self.stop = True
+                then = "SIGQUIT stops at once" if self.worker else "send it again to stop at once"
+                logger.info("%s received: stopping (%s)", name, then)
+            elif self.worker:
+                logger.info("%s received again: already stopping (SIGQUIT stops at once)", name)
+            elif not self.at_once:
+                self.at_once = True
+                logger.warning("%s received again: closing every connection now", name)
+
+
+async def _serve_until_stopped(
+    server: Server,
+    on_start: Callable[[Server], object] | None,
+    inbox: SignalInbox | None,
+    policy: _StopPolicy,
+) -> bool:
+    """Start, announce, serve until a stop; whether the server was announced."""
+    if inbox is None:
         await server.start()
         if on_start is not None:
             on_start(server)
-        serving = asyncio.create_task(server.serve_forever())
-        first = await _next_signal(signals, serving)
-        if first is not None:
-            logger.info("%s received: stopping (send it again to stop at once)", first.name)
-            serving.cancel()
-            # The cancellation reaches serve_forever before this task runs again
-            # (call_soon order), so a second one lands inside stop() and aborts.
-            second = await _next_signal(signals, serving)
-            if second is not None:
-                logger.warning("%s received again: closing every connection now", second.name)
-                serving.cancel()
-                await asyncio.wait({serving})
-        if not serving.cancelled():
-            serving.result()
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-
-
-async def _next_signal(
-    signals: asyncio.Queue[signal.Signals], serving: asyncio.Task[None]
-) -> signal.Signals | None:
-    """The next stop signal, or None if `serving` ends first."""
-    getter = asyncio.create_task(signals.get())
+        await server.serve_forever()
+        return True
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    loop.add_reader(inbox.fileno(), wake.set)
     try:
-        await asyncio.wait({getter, serving}, return_when=asyncio.FIRST_COMPLETED)
+        policy.note(inbox.take())
+        if policy.stop:  # before it started: nothing to serve
+            await server.stop()
+            return False
+        await server.start()
+        policy.note(inbox.take())
+        announced = not policy.stop
+        if announced and on_start is not None:
+            try:
+                on_start(server)
+            except BaseException:
+                await server.stop()
+                raise
+        await _serve_until_signalled(server, inbox, policy, wake)
+        return announced
     finally:
-        if not getter.done():
-            getter.cancel()
-    return getter.result() if getter.done() else None
+        loop.remove_reader(inbox.fileno())
+
+
+async def _serve_until_signalled(
+    server: Server, inbox: SignalInbox, policy: _StopPolicy, wake: asyncio.Event
+) -> None:
+    """The state machine of a server process: serving -> stopping -> [aborting]
+    -> stopped, driven by the signals in `inbox` (`wake` is set when one waits).
+    A stop from inside (`server.stop()`) ends it too."""
+    serving = asyncio.create_task(server.serve_forever())
+    stopping: asyncio.Task[None] | None = None
+    aborted = False
+    while True:
+        policy.note(inbox.take())
+        if policy.stop and stopping is None:
+            stopping = asyncio.create_task(server.stop())
+            # Let the stop begin, so that a cancellation lands inside it.
+            await asyncio.sleep(0)
+        if policy.at_once and stopping is not None and not aborted:
+            aborted = True
+            stopping.cancel()  # a cancelled stop resets every connection left
+        if serving.done():
+            break
+        wake.clear()
+        waiter = asyncio.create_task(wake.wait())
+        try:
+            await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+    if stopping is not None:
+        await asyncio.wait({stopping})
+        if not stopping.cancelled():
+            stopping.result()
+    serving.result()

@@ -1,31 +1,78 @@
-"""Several worker processes serving the same listening sockets.
+"""Several worker processes serving the same listening sockets, and the signals
+that start and end a process's life.
 
 The supervisor binds the sockets once, with `aioserver.sockets.bind_sockets` (so
 a port in use fails at once, in one place, and port 0 gives every worker the
 same real port), then forks the workers, which inherit them and each run their
-own event loop and `Server`.
-The kernel hands each new connection to one worker waiting in accept. The
-supervisor restarts a worker that dies, forwards SIGINT and SIGTERM to all of
-them so each stops through the usual cancellation path, and exits when they
-have.
+own event loop and `Server`. The kernel hands each new connection to one worker
+waiting in accept.
+
+Signals, in every process, go through a `SignalInbox`: its handlers only record
+the signal and write a byte to a pipe, and the process's main loop (the
+supervisor's `select`, or a server's event loop) takes them from there and acts.
+Nothing else runs in a signal handler, so a signal never acts in the middle of
+a decision (a fork, a restart, the end of the loop): it is taken between two.
+
+The supervisor is one state machine, run by `supervise`:
+
+    running --SIGINT/SIGTERM--> stopping --SIGINT/SIGTERM/SIGQUIT--> quitting
+       |                                                               ^
+       +---------------------------SIGQUIT-----------------------------+
+
+- running: start the workers still to start (one at a time, each after
+  checking that no signal is waiting), restart a worker that dies.
+- stopping: never fork again; the signal is forwarded to every worker, which
+  stops gracefully.
+- quitting: SIGQUIT to every worker, which closes its connections at once.
+- It returns once no worker is left: 0 if every worker exited 0 after the stop
+  began, 1 if any failed or was killed then.
+
+A worker is forked with the stop signals blocked; before it unblocks them it
+closes the supervisor's inbox and installs its own, so a signal meant for the
+supervisor never runs in a worker, and a stop signal a worker receives before
+its event loop runs is kept, and taken as soon as the loop runs: the worker
+stops without serving and exits 0.
+A worker takes SIGINT and SIGTERM as "stop gracefully" and ignores repeats
+(under systemd's default KillMode=control-group every worker gets SIGTERM twice,
+from systemd and from the supervisor); SIGQUIT stops it at once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any, NoReturn
 
-__all__ = ["supervise"]
+__all__ = [
+    "QUICK_STOP_SIGNAL",
+    "STOP_SIGNALS",
+    "SUPERVISOR_SIGNALS",
+    "SignalInbox",
+    "WorkerMain",
+    "supervise",
+]
 
 logger = logging.getLogger("aioserver")
+
+# A service manager stops with SIGTERM, a person with Ctrl-C (SIGINT): a
+# graceful stop. SIGQUIT (Ctrl-\) stops at once; it is also what a supervisor
+# sends its workers when it is told to stop a second time.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+QUICK_STOP_SIGNAL = signal.SIGQUIT
+# What a server process (alone or as a worker) handles.
+SERVER_SIGNALS = (*STOP_SIGNALS, QUICK_STOP_SIGNAL)
+# The supervisor handles SIGCHLD too: it wakes its loop to reap.
+SUPERVISOR_SIGNALS = (*SERVER_SIGNALS, signal.SIGCHLD)
 
 # A worker that dies sooner than this after its start is restarted only after
 # this long, so a worker that cannot start does not spin the supervisor.
@@ -33,90 +80,309 @@ RESTART_BACKOFF = 1.0
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
+# What a forked worker runs: serve the inherited sockets, taking stop signals
+# from the inbox given; its return value (an int, or None for 0) is its exit status.
+WorkerMain = Callable[[list[socket.socket], "SignalInbox"], object]
+
+
+class SignalInbox:
+    """Signals recorded by handlers that do nothing else; the main loop takes them.
+
+    `install()` (main thread only) sets a handler for each of `signals` that
+    appends the signal number to a queue and writes a byte to a non-blocking
+    pipe, whose read end (`fileno()`) the main loop watches; the pipe is also
+    the interpreter's wakeup fd, so a loop blocked in C wakes up even when the
+    signal is delivered to another thread. `take()` empties both. `close()`
+    puts back the handlers found at install, or ignores the signals from then
+    on (`keep_ignoring`), and closes the pipe.
+    """
+
+    def __init__(self, signals: Iterable[int]) -> None:
+        self.signals = tuple(signals)
+        # Every signal recorded since install, taken or not.
+        self.received: set[int] = set()
+        self._queue: collections.deque[int] = collections.deque()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous: dict[int, Any] = {}
+        self._previous_wakeup_fd = -1
+        self._installed = False
+
+    def fileno(self) -> int:
+        """The pipe's read end: readable once a signal is waiting."""
+        return self._read_fd
+
+    def install(self) -> None:
+        """Handle `signals` from now on (main thread only)."""
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._record)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._installed = True
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self._queue.append(signum)
+        self.received.add(signum)
+        with contextlib.suppress(OSError):  # full: it is readable anyway
+            os.write(self._write_fd, b"\0")
+
+    def take(self) -> list[int]:
+        """The signals recorded since the last call, oldest first."""
+        with contextlib.suppress(OSError):
+            while os.read(self._read_fd, 512):
+                pass
+        taken: list[int] = []
+        while self._queue:
+            taken.append(self._queue.popleft())
+        return taken
+
+    def waiting(self) -> bool:
+        """Whether a signal came since the last `take`: recorded, or caught
+        by another thread and not yet handed to its Python handler in the main
+        thread (the interpreter has written its byte to the pipe)."""
+        if self._queue:
+            return True
+        readable, _, _ = select.select([self._read_fd], [], [], 0)
+        return bool(readable)
+
+    def stop_received(self) -> bool:
+        """Whether a stop signal (SIGINT, SIGTERM or SIGQUIT) ever came."""
+        return bool(self.received & set(SERVER_SIGNALS))
+
+    def close(self, keep_ignoring: bool = False) -> None:
+        """Put back the previous handlers (or SIG_IGN for every one of `signals`
+        with `keep_ignoring`) and wakeup fd, then close the pipe. SIG_IGN, unlike
+        a Python handler, lasts through the interpreter's finalization: a
+        process on its way out after a stop cannot be killed by a repeat."""
+        if self._installed:
+            # Blocked meanwhile. Blocking runs the Python handler of a signal
+            # already caught (CPython checks on return), so no caught signal is
+            # left for the next handler to find; one that comes later waits for
+            # the next handler (and is dropped if that is SIG_IGN).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            try:
+                for signum, previous in self._previous.items():
+                    if keep_ignoring:
+                        signal.signal(signum, signal.SIG_IGN)
+                    else:
+                        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+                signal.set_wakeup_fd(self._previous_wakeup_fd)
+                self._installed = False
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._read_fd = self._write_fd = -1
+
+    def replace_in_worker(self, signals: Iterable[int]) -> SignalInbox:
+        """In a forked child, with the signals still blocked: drop this (the
+        supervisor's) inbox without touching the supervisor's pipe contents,
+        reset the signals it handled to their defaults, and install and return
+        a new inbox for `signals`."""
+        signal.set_wakeup_fd(-1)
+        self._installed = False
+        self._close_pipe()
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_DFL)
+        inbox = SignalInbox(signals)
+        inbox.install()
+        return inbox
+
 
 def supervise(
     workers: int,
     sockets: list[socket.socket],
-    serve_worker: Callable[[list[socket.socket]], Any],
+    serve_worker: WorkerMain,
+    *,
+    signals: SignalInbox | None = None,
 ) -> int:
-    """Run `workers` forked processes, each calling `serve_worker(sockets)`.
+    """Run `workers` forked processes, each calling `serve_worker(sockets, inbox)`.
 
-    Returns 0 once every worker has exited after a SIGINT or SIGTERM to the
-    supervisor, or 1 if any of them exited with a failure then. A worker that
-    dies while serving is replaced. A second signal is forwarded too, which
-    makes the workers abort their remaining connections.
+    Stops them all on SIGINT or SIGTERM to the supervisor, even one that came
+    before, during or after a worker was started or restarted (none is started
+    after it); a second SIGINT or SIGTERM, or a SIGQUIT, makes them stop at once.
+    A worker that dies while serving is replaced. The sockets are closed in
+    this process on return.
+
+    `signals`, if given, is an installed inbox for SUPERVISOR_SIGNALS (so that
+    the caller can have them handled from before it announces the server);
+    otherwise one is installed here and closed on return.
+
+    Returns the exit status: 0 if every worker exited 0 after the stop began,
+    1 if any of them failed or was killed then.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
-    stopping = False
-    supervisor = os.getpid()
-    children: dict[int, float] = {}  # pid -> start time
+    own = signals is None
+    inbox = SignalInbox(SUPERVISOR_SIGNALS) if signals is None else signals
+    if own:
+        inbox.install()
+    try:
+        return _Supervisor(workers, sockets, serve_worker, inbox).run()
+    finally:
+        if own:
+            inbox.close()
 
-    def start_one() -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                _become_worker(supervisor)
-                serve_worker(sockets)
-                code = 0
-            except BaseException:
-                logger.exception("Worker %d failed", os.getpid())
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = time.monotonic()
-        logger.info("Started worker %d", pid)
 
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
+class _Supervisor:
+    RUNNING, STOPPING, QUITTING = "running", "stopping", "quitting"
+
+    def __init__(
+        self,
+        workers: int,
+        sockets: list[socket.socket],
+        serve_worker: WorkerMain,
+        inbox: SignalInbox,
+    ) -> None:
+        self.sockets = sockets
+        self.serve_worker = serve_worker
+        self.inbox = inbox
+        self.state = self.RUNNING
+        self.pid = os.getpid()
+        self.children: dict[int, float] = {}  # pid -> start time
+        # When each worker still to start is due (monotonic), soonest first.
+        self.due: list[float] = [time.monotonic()] * workers
+        self.failed = False
+        self.prctl = _load_prctl()
+
+    def run(self) -> int:
+        try:
+            while True:
+                # Take, then reap: a SIGCHLD taken here is reaped here, not
+                # waited for again. And reap before acting on a stop signal: a
+                # worker that died before it was taken died while serving.
+                signums = self.inbox.take()
+                self._reap()
+                for signum in signums:
+                    self._on_signal(signum)
+                if self.state != self.RUNNING:
+                    if not self.children:
+                        break
+                    self._wait(None)
+                    continue
+                self._start_due()
+                # A signal that stopped _start_due left a byte in the pipe: no wait.
+                self._wait(max(self.due[0] - time.monotonic(), 0.0) if self.due else None)
+        finally:
+            for sock in self.sockets:
+                sock.close()
+        logger.info("Stopped")
+        return 1 if self.failed else 0
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until a signal is waiting (SIGCHLD included) or `timeout` passes."""
+        select.select([self.inbox.fileno()], [], [], timeout)
+
+    def _on_signal(self, signum: int) -> None:
+        if signum not in SERVER_SIGNALS:
+            return  # SIGCHLD: the next _reap does it
+        name = signal.Signals(signum).name
+        if signum == QUICK_STOP_SIGNAL or self.state == self.STOPPING:
+            if self.state == self.QUITTING:
+                return
+            again = " again" if signum != QUICK_STOP_SIGNAL else ""
+            logger.warning("%s received%s: stopping the workers at once", name, again)
+            self.state = self.QUITTING
+            self._signal_all(QUICK_STOP_SIGNAL)
+        elif self.state == self.RUNNING:
+            logger.info(
+                "%s received: stopping the workers (send it again to stop them at once)", name
+            )
+            self.state = self.STOPPING
+            self._signal_all(signum)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed = False
-    try:
-        for _ in range(workers):
-            start_one()
-        while children:
+    def _reap(self) -> None:
+        while self.children:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                break
-            started = children.pop(pid, None)
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            started = self.children.pop(pid, None)
             if started is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            if stopping:
-                failed = failed or code != 0
+            if self.state != self.RUNNING:
+                if code != 0:
+                    self.failed = True
+                    why = _describe_exit(code)
+                    logger.warning("Worker %d exited (%s) while stopping", pid, why)
                 continue
+            now = time.monotonic()
             logger.warning("Worker %d exited (%s); starting another", pid, _describe_exit(code))
-            if time.monotonic() - started < RESTART_BACKOFF:
-                time.sleep(RESTART_BACKOFF)
-            if not stopping:
-                start_one()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for sock in sockets:
-            sock.close()
-    logger.info("Stopped")
-    return 1 if failed else 0
+            self.due.append(now + RESTART_BACKOFF if now - started < RESTART_BACKOFF else now)
+            self.due.sort()
+
+    def _start_due(self) -> None:
+        while self.due and self.due[0] <= time.monotonic() and self.state == self.RUNNING:
+            if not self._fork():
+                return  # a signal came: the loop takes it first
+            self.due.pop(0)
+
+    def _fork(self) -> bool:
+        """Start one worker, unless a signal is waiting. Signals stay blocked
+        across the fork: blocking them runs the Python handler of any signal
+        that came before (CPython checks for them on return), so `waiting()`
+        sees it, and one that comes after waits in the kernel: in the
+        supervisor until the mask is back, in the worker until its own inbox
+        is installed. (The mask is this thread's: a signal that another thread,
+        such as a log writer, catches during the fork is taken right after it,
+        and the new worker is stopped with the others.)"""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.inbox.signals)
+        try:
+            if self.inbox.waiting():
+                return False
+            pid = os.fork()
+            if pid == 0:
+                self._worker(mask)
+            self.children[pid] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        logger.info("Started worker %d", pid)
+        return True
+
+    def _worker(self, mask: Iterable[int]) -> NoReturn:
+        code = 1
+        try:
+            inbox = self.inbox.replace_in_worker(SERVER_SIGNALS)
+            _become_worker(self.pid, self.prctl)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            result = self.serve_worker(self.sockets, inbox)
+            code = result if isinstance(result, int) else 0
+        except BaseException:
+            logger.exception("Worker %d failed", os.getpid())
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
 
-def _become_worker(supervisor: int) -> None:
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once in the supervisor rather than in every worker."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def _become_worker(supervisor: int, prctl: Callable[..., int] | None) -> None:
     # A Ctrl-C in a terminal signals the whole process group: keep the workers
-    # out of it so that each gets exactly one signal, the supervisor's.
+    # out of it, so that a Ctrl-C reaches them through the supervisor only.
     os.setpgid(0, 0)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
     # Should the supervisor die (even by SIGKILL), Linux sends this worker
     # SIGTERM, and it stops as usual instead of serving on as an orphan.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != supervisor:  # it died before prctl took effect
         os._exit(0)
 

@@ -359,7 +359,7 @@ def test_the_command_passes_proxy_allow_to_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     options: dict[str, Any] = {}
-    monkeypatch.setattr(cli, "run", lambda handler, **kwargs: options.update(kwargs))
+    monkeypatch.setattr(cli, "run", lambda handler, **kwargs: options.update(kwargs) or 0)
     assert cli.main(["--proxy-protocol", *argv], environ) == 0
     assert options["proxy_protocol"] is True
     assert options["proxy_allow"] == allowed
