@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import __version__
+from .logs import LOG_FORMATS, LogConfigError, flush_logging, setup_logging, stop_logging
 from .loops import LOOP_NAMES, resolve_loop
 from .protocols import DEFAULT_MAX_MESSAGE_SIZE, Handler, echo, thanks
 from .proxy import DEFAULT_PROXY_ALLOW, parse_networks
@@ -49,7 +50,6 @@ __all__ = ["StartupError", "build_parser", "load_handler", "main"]
 ENV_PREFIX = "AIOSERVER_"
 BUILTIN_PROTOCOLS: dict[str, Handler] = {"echo": echo, "thanks": thanks}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # A worker per core is the plan; more than this is a typo that would fork a storm.
 MAX_WORKERS = 256
@@ -279,8 +279,23 @@ OPTIONS = (
     _Option("keyfile", "TLS private key (PEM), if not in the certfile", metavar="FILE"),
     _Option("log-level", "log level on stderr", default="info", choices=LOG_LEVELS),
     _Option(
+        "log-format",
+        "log lines on stderr as text, or as json: one object per line with time, level,"
+        " logger, message, pid, and on access lines peer, duration, bytes_in, bytes_out"
+        " and reason",
+        default="text",
+        choices=LOG_FORMATS,
+    ),
+    _Option(
+        "log-config",
+        "a logging.config.dictConfig file in JSON (YAML too when PyYAML is installed)"
+        " that sets levels, handlers and formats instead of --log-level and --log-format;"
+        " its handlers still write from a thread of their own, off the event loop",
+        metavar="FILE",
+    ),
+    _Option(
         "access-log",
-        "log one line per connection closed",
+        "log one line per connection closed (logger aioserver.access, level info)",
         parse=_flag,
         default=True,
         switch=True,
@@ -418,6 +433,7 @@ def _bind_error(error: OSError, args: argparse.Namespace) -> str:
 
 
 def _fail(message: str) -> int:
+    flush_logging()  # the log lines before it come first
     print(f"aioserver: error: {message}", file=sys.stderr)
     return EXIT_CANNOT_START
 
@@ -426,14 +442,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command with `argv` (default sys.argv) and `environ` (default
     os.environ); return its exit status. Argument errors exit 2 via SystemExit.
     """
+    try:
+        return _main(argv, environ)
+    finally:
+        stop_logging()  # writes what is queued, waiting a bounded time
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     parser = build_parser()
     args = _parse(parser, argv, os.environ if environ is None else environ)
     try:
         parse_networks(args.proxy_allow)
     except ValueError as error:
         parser.error(f"argument --proxy-allow: {error}")
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("aioserver.access").disabled = not args.access_log
+    try:
+        setup_logging(
+            args.log_level, log_format=args.log_format, config=args.log_config, workers=args.workers
+        )
+    except LogConfigError as error:
+        return _fail(str(error))
     try:
         if ":" in args.protocol and not {"", os.getcwd()} & set(sys.path):
             # As uvicorn does: a module in the current directory is found, also
@@ -449,7 +476,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             "aioserver %s: protocol %s on the %s loop", __version__, args.protocol, loop_name
         )
         try:
-            run(
+            status = run(
                 handler,
                 loop=loop_name,
                 on_start=_print_listening,
@@ -466,10 +493,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 proxy_allow=args.proxy_allow,
                 ssl=context,
                 workers=args.workers,
+                access_log=args.access_log,
             )
         except OSError as error:
             return _fail(_bind_error(error, args))
     except KeyboardInterrupt:
         # Ctrl-C before the signal handlers were in place (or after they left).
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return status

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .connection import Connection, Ending, Phase, connection_class, tls_protocol_for
+from .logs import LogSite
 from .overload import AcceptGuard, TurnedAway, free_fds
 from .protocols import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -41,6 +42,8 @@ from .sockets import (
 )
 
 __all__ = [
+    "ACCESS_FIELDS",
+    "ACCESS_FORMAT",
     "DEFAULT_BACKLOG",
     "DEFAULT_HOST",
     "DEFAULT_IDLE_TIMEOUT",
@@ -59,6 +62,10 @@ __all__ = [
 
 logger = logging.getLogger("aioserver")
 access_logger = logging.getLogger("aioserver.access")
+# One access-log line per connection closed; its arguments are also the
+# record's fields of these names (as extra= would set them), for structured logs.
+ACCESS_FORMAT = "%s closed after %.3f s, %d bytes in, %d bytes out: %s"
+ACCESS_FIELDS = ("peer", "duration", "bytes_in", "bytes_out", "reason")
 
 # Well above what one process on one core serves with low latency. Each
 # connection may make the server hold its write buffer's high-water mark plus
@@ -153,6 +160,14 @@ class Server:
       with one warning. Default: loopback only.
     - sockets: listening sockets bound already (as a supervisor hands its
       worker processes) to serve on instead of host, port and unix.
+    - access_log: log one line per connection closed, at INFO on the
+      "aioserver.access" logger, with peer, duration (seconds), bytes_in,
+      bytes_out and reason also set on the record, as extra= sets them
+      (default True). Whether that logger is enabled for INFO, and which
+      handlers it reaches, is looked at once, at start (see
+      `aioserver.logs.LogSite`). The call is made on the event loop: with the
+      handlers behind the queue of `aioserver.logs.setup_logging`, as the
+      command has them, it never waits on a slow sink.
 
     Stopping is cancellation: cancelling `serve_forever()`, leaving `serve()`
     and calling `stop()` all take the same path (see `stop`).
@@ -175,6 +190,7 @@ class Server:
         proxy_protocol: bool = False,
         proxy_allow: Sequence[str] = DEFAULT_PROXY_ALLOW,
         sockets: Sequence[socket.socket] = (),
+        access_log: bool = True,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be a coroutine function, not {handler!r}")
@@ -205,11 +221,13 @@ class Server:
         self.proxy_protocol = proxy_protocol
         self.proxy_trusted = parse_networks(proxy_allow)
         self.listen_sockets = list(sockets)
+        self.access_log = access_log
         # What every connection reads (see aioserver/connection.py).
         self.handshake_timeout = min(HANDSHAKE_TIMEOUT, idle_timeout or math.inf)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.tls_protocol: Any = None
         self.logs_peers = False
+        self._access_log: LogSite | None = None
         # Set at start on asyncio's own loop (see SharedBufferReads).
         self.read_buffer = memoryview(b"")
         self.stopping = False
@@ -305,7 +323,12 @@ class Server:
             logger.info("Listening on %s", address)
         if self.ssl is not None:
             self.tls_protocol = tls_protocol_for(self.loop)
-        self.logs_peers = access_logger.isEnabledFor(logging.INFO)
+        self.logs_peers = self.access_log and access_logger.isEnabledFor(logging.INFO)
+        if self.logs_peers:
+            # Made here, on the loop's thread, once: see LogSite.
+            self._access_log = LogSite(
+                access_logger, logging.INFO, ACCESS_FORMAT, ACCESS_FIELDS, "forget"
+            )
         if isinstance(self.loop, asyncio.SelectorEventLoop):
             self._accept_guard = AcceptGuard(self)
             self.read_buffer = memoryview(bytearray(READ_CHUNK))
@@ -463,14 +486,15 @@ class Server:
             self._connections.discard(connection)
             self._closed_in += connection.bytes_in
             self._closed_out += connection.bytes_out
-            if self.logs_peers:
-                access_logger.info(
-                    "%s closed after %.3f s, %d bytes in, %d bytes out: %s",
-                    connection.describe_peer(),
-                    self.loop.time() - connection.started,
-                    connection.bytes_in,
-                    connection.bytes_out,
-                    connection.reason or "closed",
+            if self._access_log is not None:
+                self._access_log.log(
+                    (
+                        connection.describe_peer(),
+                        self.loop.time() - connection.started,
+                        connection.bytes_in,
+                        connection.bytes_out,
+                        connection.reason or "closed",
+                    )
                 )
         if self.stopping and not self._connections and not self._turning_away:
             self._all_ended.set()
