@@ -4,8 +4,9 @@ Precedence: a flag wins over its environment variable, which wins over the
 default; an empty variable counts as unset. Stdout gets one `Listening on ADDRESS`
 line per listening socket once accepting; logs go to stderr, the first line naming
 the version, protocol and loop. Exit status: 0 after a stop by SIGINT/SIGTERM
-(graceful or, after a second signal, at once), 1 when the server cannot start (one
-line on stderr, no traceback), 2 for bad arguments, 130 when interrupted before
+(graceful or, after a second signal or SIGQUIT, at once), 1 when the server cannot
+start (one line on stderr, no traceback) or, with --workers, when a worker failed
+or was killed during the stop, 2 for bad arguments, 130 when interrupted before
 serving.
 """
 
@@ -54,7 +55,6 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # A worker per core is the plan; more than this is a typo that would fork a storm.
 MAX_WORKERS = 256
 
-EXIT_OK = 0
 EXIT_CANNOT_START = 1
 # 128 + SIGINT, as a shell reports a command Ctrl-C ended.
 EXIT_INTERRUPTED = 130
