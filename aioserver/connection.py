@@ -44,6 +44,7 @@ __all__ = [
     "Phase",
     "connection_class",
     "describe_error",
+    "describe_subject",
 ]
 
 logger = logging.getLogger("aioserver")
@@ -91,7 +92,8 @@ class Phase(enum.IntEnum):
 NEXT_PHASES: dict[Phase, frozenset[Phase]] = {
     # FLUSHING: a client turned away is told why, then closed.
     Phase.ACCEPTED: frozenset({Phase.PROXY, Phase.TLS, Phase.SERVING, Phase.FLUSHING}),
-    Phase.PROXY: frozenset({Phase.TLS, Phase.SERVING, Phase.CLOSED}),
+    # FLUSHING: a client turned away once its header named it (access control).
+    Phase.PROXY: frozenset({Phase.TLS, Phase.SERVING, Phase.FLUSHING, Phase.CLOSED}),
     Phase.TLS: frozenset({Phase.SERVING, Phase.CLOSED}),
     Phase.SERVING: frozenset({Phase.FLUSHING, Phase.LINGERING, Phase.CLOSED}),
     Phase.FLUSHING: frozenset({Phase.LINGERING, Phase.CLOSED}),
@@ -227,14 +229,22 @@ class Connection(asyncio.Protocol):
         self._serve()
 
     def turn_away(self, reason: str, last: bytes) -> None:
-        """End a connection the server has no room for: `last` says why, and a
+        """End a connection the server has no room for, just after its accept
+        or once its PROXY header named the client: `last` says why, and a
         client that sent first still gets it (see `Ending.LINGER`)."""
-        self.raw.set_protocol(self)
-        if last:
-            self.end(Ending.LINGER, reason, last)
+        if self.phase is _ACCEPTED:
+            self.raw.set_protocol(self)
         else:
-            self.reason = reason
-            self._to(_FLUSHING)
+            self._disarm()  # the header's deadline is met
+            self.deadline = float("inf")
+        self.reason = reason
+        self._to(_FLUSHING)
+        if last:
+            self.bytes_out += len(last)
+            self.transport.write(last)
+            # A client turned away may be sending now.
+            self._linger(always=True)
+        else:
             self.raw.close()
 
     def _serve(self) -> None:
@@ -264,6 +274,8 @@ class Connection(asyncio.Protocol):
             return
         if peer is not None:
             self.proxy_peer = self.peer = peer
+            if self.server.checks_clients and not self.server.admit_proxied(self, peer):
+                return
         if self.server.ssl is not None:
             # Handshake bytes, not input: counted neither here nor later.
             self.bytes_in -= len(rest)
@@ -310,6 +322,8 @@ class Connection(asyncio.Protocol):
         # Its own buffers default to 512 KiB of replies and 256 KiB of input.
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.transport.set_read_buffer_limits(high=TLS_READ_BUFFER_HIGH)  # type: ignore[attr-defined]
+        if self.server.logs_client_certs:
+            self.server.note_client_cert(self)
         self._serve()
         if self.inner is not None:
             # The user's handler reads and writes through the TLS layer.
@@ -839,6 +853,36 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
     return printable(f"{type(exc).__name__}: {exc}")
+
+
+# The usual short names of certificate subject attributes (RFC 4514 and common use).
+_SUBJECT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "domainComponent": "DC",
+    "localityName": "L",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "stateOrProvinceName": "ST",
+    "streetAddress": "STREET",
+    "userId": "UID",
+}
+# A subject is longer than a PROXY header's text, but still one log line.
+SUBJECT_LIMIT = 256
+
+
+def describe_subject(peercert: Any) -> str | None:
+    """A client certificate's subject, as `get_extra_info("peercert")` gives
+    the certificate, written as RFC 4514 does (CN=alice,O=Example: the most
+    specific first), escaped by `printable`; None without one."""
+    subject = peercert.get("subject") if isinstance(peercert, dict) else None
+    if not subject:
+        return None
+    parts = [
+        "+".join(f"{_SUBJECT_NAMES.get(name, name)}={value}" for name, value in rdn)
+        for rdn in reversed(subject)
+    ]
+    return printable(",".join(parts), SUBJECT_LIMIT)
 
 
 def format_peer(peer: Any) -> str:

@@ -211,7 +211,7 @@ def parse_networks(specs: Iterable[str]) -> tuple[Network, ...] | None:
             any_source = True
             continue
         if "%" in text:
-            raise ValueError(f"{spec!r}: a scope id (%) cannot name a balancer")
+            raise ValueError(f"{spec!r}: a scope id (%) cannot be part of a network")
         try:
             networks.append(ipaddress.ip_network(text))
             continue

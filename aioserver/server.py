@@ -20,7 +20,15 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .connection import Connection, Ending, Phase, connection_class, tls_protocol_for
+from .connection import (
+    Connection,
+    Ending,
+    Phase,
+    _peername,
+    connection_class,
+    describe_subject,
+    tls_protocol_for,
+)
 from .logs import LogSite
 from .overload import AcceptGuard, TurnedAway, free_fds
 from .protocols import (
@@ -31,7 +39,7 @@ from .protocols import (
     busy_reply,
     rule_for,
 )
-from .proxy import DEFAULT_PROXY_ALLOW, parse_networks
+from .proxy import DEFAULT_PROXY_ALLOW, Network, is_trusted, parse_networks
 from .sockets import (
     DEFAULT_BACKLOG,
     DEFAULT_HOST,
@@ -66,6 +74,9 @@ access_logger = logging.getLogger("aioserver.access")
 # record's fields of these names (as extra= would set them), for structured logs.
 ACCESS_FORMAT = "%s closed after %.3f s, %d bytes in, %d bytes out: %s"
 ACCESS_FIELDS = ("peer", "duration", "bytes_in", "bytes_out", "reason")
+# The line of a connection whose client presented a certificate (mutual TLS).
+ACCESS_CERT_FORMAT = ACCESS_FORMAT + ", client certificate %s"
+ACCESS_CERT_FIELDS = (*ACCESS_FIELDS, "client_cert")
 
 # Well above what one process on one core serves with low latency. Each
 # connection may make the server hold its write buffer's high-water mark plus
@@ -115,8 +126,9 @@ class Stats:
     total: int
     """Connections accepted (not counting the ones turned away)."""
     rejected: int
-    """Connections turned away: `max_connections` were open, or (on asyncio's own
-    loop) the process was out of file descriptors."""
+    """Connections turned away: `max_connections` were open, (on asyncio's own
+    loop) the process was out of file descriptors, `allow`/`deny` refused the
+    client, or it had `max_connections_per_client` open already."""
     bytes_in: int
     bytes_out: int
 
@@ -137,6 +149,11 @@ class Server:
       inside their tracked life: an unfinished handshake counts toward
       max_connections and is reset after HANDSHAKE_TIMEOUT (or idle_timeout,
       if shorter); a failed one leaves one access-log line with the reason.
+      For mutual TLS, give a context with `verify_mode` CERT_REQUIRED (or
+      CERT_OPTIONAL) and the CAs loaded: a client without a valid certificate
+      fails its handshake, the handler finds the certificate in
+      `writer.get_extra_info("peercert")`, and the access-log line names its
+      subject (", client certificate CN=..."; field client_cert).
     - max_connections: a client over this is turned away at once (the thanks
       protocol first tells it "Error: server busy", which reaches it even if it
       had sent first); the others carry on. Out of file descriptors, new
@@ -158,6 +175,18 @@ class Server:
     - proxy_allow: with proxy_protocol, the addresses (CIDRs; "*" for any)
       allowed to send a header; a header from elsewhere closes the connection
       with one warning. Default: loopback only.
+    - allow, deny: who may connect, as CIDRs or addresses ("*" for any), by
+      client address: the socket's, or with proxy_protocol the client its
+      PROXY header names (checked once the header is read; a header naming no
+      client, such as a balancer's health check, is the balancer's own, let in
+      by proxy_allow). A client in `deny` is refused, as is one outside
+      `allow` when `allow` is given: deny wins. Default: everyone. Clients of a
+      Unix socket have no address and are not checked.
+    - max_connections_per_client: a client address with this many connections
+      open has further ones turned away (None, the default: no limit).
+      A client refused by allow/deny is just closed; one over its limit is
+      treated as one over max_connections. Either way it counts in
+      `stats.rejected`, and one warning is logged per burst of each.
     - sockets: listening sockets bound already (as a supervisor hands its
       worker processes) to serve on instead of host, port and unix.
     - access_log: log one line per connection closed, at INFO on the
@@ -189,6 +218,9 @@ class Server:
         ssl: ssl_module.SSLContext | None = None,
         proxy_protocol: bool = False,
         proxy_allow: Sequence[str] = DEFAULT_PROXY_ALLOW,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        max_connections_per_client: int | None = None,
         sockets: Sequence[socket.socket] = (),
         access_log: bool = True,
     ) -> None:
@@ -205,8 +237,14 @@ class Server:
             )
         if not 0 <= shutdown_timeout <= MAX_SECONDS:
             raise ValueError(f"shutdown_timeout must be between 0 and {MAX_SECONDS:g} s")
+        if max_connections_per_client is not None:
+            _check_range(
+                "max_connections_per_client", max_connections_per_client, 1, MAX_CONNECTIONS_LIMIT
+            )
         if isinstance(proxy_allow, str):
             proxy_allow = [proxy_allow]
+        allow = [allow] if isinstance(allow, str) else list(allow)
+        deny = [deny] if isinstance(deny, str) else list(deny)
         self.handler = handler
         self.hosts = [host] if isinstance(host, str) or host is None else list(host)
         self.requested_port = port
@@ -220,6 +258,21 @@ class Server:
         self.ssl = ssl
         self.proxy_protocol = proxy_protocol
         self.proxy_trusted = parse_networks(proxy_allow)
+        # Access control. None: every client (no allow given, or "*"); for
+        # deny, None denies every client and () none.
+        self.allow: tuple[Network, ...] | None = parse_networks(allow) if allow else None
+        self.deny: tuple[Network, ...] | None = parse_networks(deny)
+        self.max_connections_per_client = max_connections_per_client
+        # Whether clients are checked at all: a connection read this once,
+        # at accept or (with proxy_protocol) once its header is read.
+        self.checks_clients = bool(allow or deny) or max_connections_per_client is not None
+        self._checks_at_accept = self.checks_clients and not proxy_protocol
+        # Connections open per client address, and each counted connection's address.
+        self._per_client: dict[str, int] = {}
+        self._client_of: dict[Connection, str] = {}
+        # With mutual TLS and the access log: the subject of each client's certificate.
+        self.logs_client_certs = False
+        self._client_certs: dict[Connection, str] = {}
         self.listen_sockets = list(sockets)
         self.access_log = access_log
         # What every connection reads (see aioserver/connection.py).
@@ -228,6 +281,7 @@ class Server:
         self.tls_protocol: Any = None
         self.logs_peers = False
         self._access_log: LogSite | None = None
+        self._access_log_cert: LogSite | None = None
         # Set at start on asyncio's own loop (see SharedBufferReads).
         self.read_buffer = memoryview(b"")
         self.stopping = False
@@ -237,6 +291,10 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._total = self._rejected = self._closed_in = self._closed_out = 0
         self._turned_away = TurnedAway()
+        # Clients refused by allow/deny, and over max_connections_per_client:
+        # a burst of their own each.
+        self._denied = TurnedAway()
+        self._over_client_limit = TurnedAway()
         self._accept_guard: AcceptGuard | None = None
         # Connections the descriptors free at start allow (None where unknown).
         self._fd_room: int | None = None
@@ -329,6 +387,11 @@ class Server:
             self._access_log = LogSite(
                 access_logger, logging.INFO, ACCESS_FORMAT, ACCESS_FIELDS, "forget"
             )
+            if self.ssl is not None and self.ssl.verify_mode != ssl_module.CERT_NONE:
+                self.logs_client_certs = True
+                self._access_log_cert = LogSite(
+                    access_logger, logging.INFO, ACCESS_CERT_FORMAT, ACCESS_CERT_FIELDS, "forget"
+                )
         if isinstance(self.loop, asyncio.SelectorEventLoop):
             self._accept_guard = AcceptGuard(self)
             self.read_buffer = memoryview(bytearray(READ_CHUNK))
@@ -401,7 +464,8 @@ class Server:
                     os.unlink(self.unix)
             if self._accept_guard is not None:
                 self._accept_guard.remove()
-            self._turned_away.end(final=True)
+            for burst in (self._turned_away, self._denied, self._over_client_limit):
+                burst.end(final=True)
             self._servers.clear()
             self._stopped.set()
             logger.info("Stopped")
@@ -461,12 +525,17 @@ class Server:
             transport.abort()
             return None
         if len(self._connections) >= self.max_connections:
-            self._turn_away(writer)
+            self._turn_away(writer, f"max_connections={self.max_connections} reached")
             return None
         rule = rule_for(self.handler, self.max_message_size)
         answers = "handler" if rule is None else "echo" if isinstance(rule, EchoRule) else "rule"
         kind = connection_class(answers, bool(self.read_buffer))
         connection = kind(self, writer, rule, reader if rule is None else None)
+        if self._checks_at_accept:
+            refusal = self._admit(connection, _peername(transport), transport)
+            if refusal is not None:
+                self._turn_away(writer, *refusal)
+                return None
         self._connections.add(connection)
         self._total += 1
         connection.begin()
@@ -486,35 +555,111 @@ class Server:
             self._connections.discard(connection)
             self._closed_in += connection.bytes_in
             self._closed_out += connection.bytes_out
+            if self._client_of:
+                self._uncount(connection)
             if self._access_log is not None:
-                self._access_log.log(
-                    (
-                        connection.describe_peer(),
-                        self.loop.time() - connection.started,
-                        connection.bytes_in,
-                        connection.bytes_out,
-                        connection.reason or "closed",
-                    )
+                line = (
+                    connection.describe_peer(),
+                    self.loop.time() - connection.started,
+                    connection.bytes_in,
+                    connection.bytes_out,
+                    connection.reason or "closed",
                 )
+                subject = self._client_certs.pop(connection, None) if self._client_certs else None
+                if subject is None:
+                    self._access_log.log(line)
+                else:
+                    cast(LogSite, self._access_log_cert).log((*line, subject))
         if self.stopping and not self._connections and not self._turning_away:
             self._all_ended.set()
 
-    def count_turned_away(self, count: int, reason: str) -> None:
-        """Count clients turned away, in the burst's log lines too."""
+    def count_turned_away(self, count: int, reason: str, burst: TurnedAway | None = None) -> None:
+        """Count clients turned away, in the burst's log lines too (by default
+        the burst of clients over max_connections or out of descriptors)."""
         self._rejected += count
-        self._turned_away.add(self.loop, count, reason)
+        (burst or self._turned_away).add(self.loop, count, reason)
 
-    def _turn_away(self, writer: asyncio.StreamWriter) -> None:
-        reason = f"max_connections={self.max_connections} reached"
-        self.count_turned_away(1, reason)
+    def _busy_line(self, tell: bool) -> bytes:
         # Nothing in clear on a TLS port; and past MAX_TURNING_AWAY, no waiting.
-        busy = busy_reply(self.handler) if self.ssl is None else b""
-        if len(self._turning_away) >= MAX_TURNING_AWAY:
-            busy = b""
+        if not tell or self.ssl is not None or len(self._turning_away) >= MAX_TURNING_AWAY:
+            return b""
+        return busy_reply(self.handler)
+
+    def _turn_away(
+        self,
+        writer: asyncio.StreamWriter,
+        reason: str,
+        tell: bool = True,
+        burst: TurnedAway | None = None,
+    ) -> None:
+        self.count_turned_away(1, reason, burst)
+        busy = self._busy_line(tell)
         connection = Connection(self, writer, None)
         if busy:
             self._turning_away.add(connection)
         connection.turn_away(reason, busy)
+
+    # Access control: allow, deny and max_connections_per_client.
+
+    def admit_proxied(self, connection: Connection, peer: Any) -> bool:
+        """Called by a connection whose PROXY header named its client `peer`:
+        count it under that client, or turn it away (False) as `_accept` does."""
+        refusal = self._admit(connection, peer, connection.raw)
+        if refusal is None:
+            return True
+        reason, tell, burst = refusal
+        # Registered at accept: now one turned away instead.
+        self._connections.discard(connection)
+        self._total -= 1
+        self.count_turned_away(1, reason, burst)
+        busy = self._busy_line(tell)
+        if busy:
+            self._turning_away.add(connection)
+        connection.turn_away(reason, busy)
+        return False
+
+    def _admit(
+        self, connection: Connection, peer: Any, transport: asyncio.BaseTransport
+    ) -> tuple[str, bool, TurnedAway] | None:
+        """None, with `connection` counted under its client, if the client at
+        `peer` may connect; else why not, whether to tell it, and its burst."""
+        if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+            if not isinstance(transport.get_extra_info("sockname"), tuple):
+                return None  # a Unix socket's client: no address to check
+            return "client address unknown", False, self._denied
+        deny = self.deny
+        allow = self.allow
+        host = peer[0].partition("%")[0]
+        if (deny is None or (deny and is_trusted(peer, deny))) or (
+            allow is not None and not is_trusted(peer, allow)
+        ):
+            return f"client {host} refused by allow/deny", False, self._denied
+        limit = self.max_connections_per_client
+        if limit is not None:
+            count = self._per_client.get(host, 0)
+            if count >= limit:
+                reason = f"max_connections_per_client={limit} reached by {host}"
+                return reason, True, self._over_client_limit
+            self._per_client[host] = count + 1
+            self._client_of[connection] = host
+        return None
+
+    def _uncount(self, connection: Connection) -> None:
+        host = self._client_of.pop(connection, None)
+        if host is not None:
+            left = self._per_client[host] - 1
+            if left:
+                self._per_client[host] = left
+            else:
+                del self._per_client[host]
+
+    def note_client_cert(self, connection: Connection) -> None:
+        """Called by a connection once its TLS handshake is done, with
+        `logs_client_certs` on: keep its client certificate's subject for
+        the access log."""
+        subject = describe_subject(connection.transport.get_extra_info("peercert"))
+        if subject is not None:
+            self._client_certs[connection] = subject
 
 
 def _check_range(name: str, value: int, low: int, high: int | None = None) -> None:

@@ -364,6 +364,8 @@ class FakeServer:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     read_buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(READ_CHUNK)))
     logs_peers: bool = False
+    checks_clients: bool = False
+    logs_client_certs: bool = False
     forgotten: list[Forgotten] = field(default_factory=list)
 
     def forget(self, connection: Connection) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from aioserver import Server, echo, serve, thanks
@@ -1001,12 +1002,19 @@ def reserve_descriptor() -> list[tuple[str, str]]:
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_over_tcp_with_tls_the_command_opens_only_the_certificate_and_key_named(
-    tmp_path: Path, tls_files: tuple[Path, Path], client_tls_context: ssl.SSLContext
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tls_files: tuple[Path, Path],
+    tls_ca: trustme.CA,
+    client_tls_context: ssl.SSLContext,
 ) -> None:
-    """TCP with TLS and every other option a TCP server takes: the only files the
-    command opens are the certificate and key it was given, and it writes none,
-    in its directory or theirs."""
+    """TCP with TLS (client certificates optional, against a CA file) and every
+    other option a TCP server takes: the only files the command opens from Python
+    are the certificate and key it was given (OpenSSL reads the CA file itself),
+    and it writes none, in its directory or theirs."""
     certfile, keyfile = tls_files
+    cafile = tmp_path_factory.mktemp("ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(cafile))
 
     async def tls_client(address: str) -> None:
         reader, writer = await asyncio.open_connection(
@@ -1021,6 +1029,7 @@ async def test_over_tcp_with_tls_the_command_opens_only_the_certificate_and_key_
         "--backlog=16", "--reuse-port", "--max-connections=10", "--idle-timeout=30",
         "--max-message-size=1024", "--shutdown-timeout=1", "--no-proxy-protocol",
         "--workers=1", f"--certfile={certfile}", f"--keyfile={keyfile}",
+        f"--ssl-ca-certs={cafile}", "--ssl-cert-reqs=optional",
         "--log-level=debug", "--access-log",
     ]  # fmt: skip
     assert await audited_run(tls_options, tmp_path, tls_client) == sorted(
@@ -1034,6 +1043,7 @@ async def test_over_tcp_with_tls_the_command_opens_only_the_certificate_and_key_
     )
     assert list(tmp_path.iterdir()) == []
     assert sorted(p.name for p in certfile.parent.iterdir()) == ["cert.pem", "key.pem"]
+    assert list(cafile.parent.iterdir()) == [cafile]
 
 
 @pytest.mark.asyncio
