@@ -44,13 +44,20 @@ from .server import (
     Server,
     format_address,
 )
-from .sockets import MAX_BACKLOG
+from .sockets import MAX_BACKLOG, InheritedSocketError
 
 __all__ = ["StartupError", "build_parser", "load_handler", "main"]
 
 ENV_PREFIX = "AIOSERVER_"
 BUILTIN_PROTOCOLS: dict[str, Handler] = {"echo": echo, "thanks": thanks}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# --ssl-cert-reqs: whether TLS clients must present a certificate (uvicorn's names).
+SSL_CERT_REQS = ("none", "optional", "required")
+_VERIFY_MODES = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
 
 # A worker per core is the plan; more than this is a typo that would fork a storm.
 MAX_WORKERS = 256
@@ -268,11 +275,57 @@ OPTIONS = (
         metavar="CIDR",
     ),
     _Option(
+        "allow",
+        "only clients from these addresses (CIDR, or * for any) may connect; with"
+        " --proxy-protocol the client is the one the PROXY header names; repeat for"
+        " several (the variable takes a comma-separated list); unset: everyone",
+        repeat=True,
+        metavar="CIDR",
+    ),
+    _Option(
+        "deny",
+        "refuse clients from these addresses (CIDR, or * for any), even if --allow"
+        " names them: they are closed at once; repeat for several (the variable takes"
+        " a comma-separated list)",
+        repeat=True,
+        metavar="CIDR",
+    ),
+    _Option(
+        "max-connections-per-client",
+        "connections one client address may have open; more are turned away at once,"
+        " as over --max-connections; unset: no limit",
+        parse=_up_to(MAX_CONNECTIONS_LIMIT),
+        metavar="N",
+    ),
+    _Option(
+        "ssl-ca-certs",
+        "CA certificates (PEM) that client certificates are checked against, for"
+        " mutual TLS with --ssl-cert-reqs",
+        metavar="FILE",
+    ),
+    _Option(
+        "ssl-cert-reqs",
+        "whether a TLS client must present a certificate issued by --ssl-ca-certs:"
+        " none (not asked for), optional (checked if presented) or required (a client"
+        " without one fails its handshake)",
+        default="none",
+        choices=SSL_CERT_REQS,
+    ),
+    _Option(
         "workers",
         "worker processes sharing the listening sockets, each with its own event loop;"
         " 1 serves from this process",
         parse=_up_to(MAX_WORKERS),
         default=1,
+        metavar="N",
+    ),
+    _Option(
+        "fd",
+        "serve on this listening socket, an open descriptor handed over by a supervisor,"
+        " instead of binding; repeat for several (the variable takes a comma-separated"
+        " list). Sockets passed by systemd socket activation (LISTEN_FDS) are served"
+        " without it",
+        repeat=True,
         metavar="N",
     ),
     _Option("certfile", "TLS certificate chain (PEM); turns TLS on", metavar="FILE"),
@@ -373,11 +426,19 @@ def _no_password() -> str:
     raise StartupError("the TLS private key is encrypted, and aioserver asks for no password")
 
 
-def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
-    """A server TLS context from PEM files, or None without a certfile."""
+def _tls_context(
+    certfile: str | None,
+    keyfile: str | None,
+    ca_certs: str | None = None,
+    cert_reqs: str = "none",
+) -> ssl.SSLContext | None:
+    """A server TLS context from PEM files, or None without a certfile; with
+    `ca_certs` and `cert_reqs` (none, optional, required), for mutual TLS."""
     if certfile is None:
         if keyfile is not None:
             raise StartupError("--keyfile needs --certfile")
+        if ca_certs is not None:
+            raise StartupError("--ssl-ca-certs needs --certfile")
         return None
     for kind, path in (("certificate", certfile), ("private key", keyfile)):
         if path is None:
@@ -399,6 +460,17 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | 
         else:
             why = str(error.reason or error)
         raise StartupError(f"cannot load TLS certificate from {files}: {why}") from None
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(cafile=ca_certs)
+        except ssl.SSLError as error:  # an OSError too: first
+            reason = str(error.reason or error)
+            why = "no PEM certificate found" if "NO_CERTIFICATE" in reason else reason
+            raise StartupError(f"cannot load TLS CA certificates from {ca_certs}: {why}") from None
+        except OSError as error:
+            why = error.strerror or str(error)
+            raise StartupError(f"cannot read TLS CA certificates {ca_certs}: {why}") from None
+    context.verify_mode = _VERIFY_MODES[cert_reqs]
     return context
 
 
@@ -417,6 +489,8 @@ def _print_listening(server: Server) -> None:
 
 def _bind_error(error: OSError, args: argparse.Namespace) -> str:
     """One line on why listening failed, naming the address."""
+    if isinstance(error, InheritedSocketError):
+        return f"cannot serve on a socket handed over: {error}"
     if args.unix is not None:
         where = format_address(args.unix)
     else:
@@ -455,6 +529,17 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         parse_networks(args.proxy_allow)
     except ValueError as error:
         parser.error(f"argument --proxy-allow: {error}")
+    for name in ("allow", "deny"):
+        try:
+            parse_networks(getattr(args, name) or ())
+        except ValueError as error:
+            parser.error(f"argument --{name}: {error}")
+    if args.ssl_cert_reqs != "none" and args.ssl_ca_certs is None:
+        parser.error(f"argument --ssl-cert-reqs: {args.ssl_cert_reqs} needs --ssl-ca-certs")
+    try:
+        fds = [_integer(fd, 0) for fd in args.fd or []]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"argument --fd: {error}")
     try:
         setup_logging(
             args.log_level, log_format=args.log_format, config=args.log_config, workers=args.workers
@@ -468,7 +553,9 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
             sys.path.insert(0, os.getcwd())
         try:
             handler = load_handler(args.protocol)
-            context = _tls_context(args.certfile, args.keyfile)
+            context = _tls_context(
+                args.certfile, args.keyfile, args.ssl_ca_certs, args.ssl_cert_reqs
+            )
             loop_name = resolve_loop(args.loop)
         except (StartupError, RuntimeError) as error:
             return _fail(str(error))
@@ -491,9 +578,15 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
                 shutdown_timeout=args.shutdown_timeout,
                 proxy_protocol=args.proxy_protocol,
                 proxy_allow=args.proxy_allow,
+                allow=args.allow or (),
+                deny=args.deny or (),
+                max_connections_per_client=args.max_connections_per_client,
                 ssl=context,
                 workers=args.workers,
                 access_log=args.access_log,
+                fds=fds,
+                inherit=True,
+                notify=True,
             )
         except OSError as error:
             return _fail(_bind_error(error, args))

@@ -6,6 +6,11 @@ signal, installed before the server is announced (`on_start`) and removed only
 after the event loop is closed, with the decisions taken by one loop that reads
 them. With workers, that loop is the supervisor's (`aioserver.workers.supervise`);
 alone, or in a worker, it is `_serve_until_stopped` on the event loop.
+
+Asked to (`inherit`, `fds`), `run` serves sockets handed over instead of binding
+(aioserver/sockets.py: `inherited_sockets`, `sockets_from_fds`); asked to
+(`notify`), it tells a service manager through NOTIFY_SOCKET when it is ready
+and when it stops (aioserver/notify.py). The command asks for both.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .loops import loop_factory
+from .notify import Notifier
 from .protocols import Handler
 from .server import Server
-from .sockets import bind_sockets
+from .sockets import bind_sockets, inherited_sockets, sockets_from_fds
 from .workers import (
     QUICK_STOP_SIGNAL,
     SERVER_SIGNALS,
@@ -46,6 +53,9 @@ def run(
     loop: str = "auto",
     on_start: Callable[[Server], object] | None = None,
     workers: int = 1,
+    fds: Sequence[int] = (),
+    inherit: bool = False,
+    notify: bool = False,
     **options: Any,
 ) -> int:
     """Serve `handler` on a new event loop until stopped; return the exit status.
@@ -74,26 +84,104 @@ def run(
     SIGINT or SIGTERM stops every worker gracefully, a second one (or SIGQUIT)
     at once. It returns 0 once they have all stopped cleanly, 1 if any worker
     failed or was killed during the stop.
+
+    Sockets bound already: with `inherit`, those a service manager passed by
+    socket activation (LISTEN_FDS and LISTEN_PID naming this process; the
+    LISTEN_* variables are unset either way), and the descriptors in `fds`.
+    If there are any, they are served (by every worker, with `workers`)
+    instead of binding host, port or unix. A descriptor that is not a
+    listening stream socket raises `aioserver.sockets.InheritedSocketError`.
+
+    With `notify` and NOTIFY_SOCKET set (the variable is then unset), the
+    service manager is told READY=1 with a STATUS= line once the server
+    accepts (with workers: once every worker accepts), and STOPPING=1 as a stop
+    begins; see aioserver/notify.py.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
+    handed = _handed_over(fds, inherit)
+    if handed:
+        for name in BIND_OPTIONS:
+            if name != "backlog":
+                options.pop(name, None)
+        options["sockets"] = handed
+    notifier = Notifier.from_environ() if notify else None
+    try:
+        return _run(handler, loop, on_start, workers, options, notifier)
+    finally:
+        if notifier is not None:
+            notifier.stopping()
+            notifier.close()
+
+
+def _handed_over(fds: Sequence[int], inherit: bool) -> list[socket.socket]:
+    """The sockets handed over to serve on: socket activation's, then `fds`."""
+    names = os.environ.get("LISTEN_FDNAMES", "")
+    activated = (inherited_sockets() if inherit else None) or []
+    try:
+        given = sockets_from_fds(fd for fd in fds if fd not in {s.fileno() for s in activated})
+    except BaseException:
+        for sock in activated:
+            sock.close()
+        raise
+    if activated:
+        labels = names.split(":") if names else []
+        described = [
+            f"fd {sock.fileno()}" + (f" ({labels[i]})" if i < len(labels) else "")
+            for i, sock in enumerate(activated)
+        ]
+        logger.info("Socket activation: serving %s", ", ".join(described))
+    return activated + given
+
+
+def _run(
+    handler: Handler,
+    loop: str,
+    on_start: Callable[[Server], object] | None,
+    workers: int,
+    options: dict[str, Any],
+    notifier: Notifier | None,
+) -> int:
+    if notifier is not None:
+        on_start = _notifying(on_start, notifier, workers)
     if threading.current_thread() is not threading.main_thread():
         if workers != 1:
             raise RuntimeError("worker processes are supervised from the main thread only")
-        _serve(handler, loop, on_start, options, None, worker=False)
+        _serve(handler, loop, on_start, options, None, worker=False, notifier=notifier)
         return 0
     inbox = SignalInbox(SERVER_SIGNALS if workers == 1 else SUPERVISOR_SIGNALS)
     inbox.install()
     try:
         if workers == 1:
-            served, status = _serve(handler, loop, on_start, options, inbox, worker=False), 0
+            served = _serve(
+                handler, loop, on_start, options, inbox, worker=False, notifier=notifier
+            )
+            status = 0
         else:
-            served, status = _supervise(handler, loop, on_start, workers, options, inbox)
+            served, status = _supervise(handler, loop, on_start, workers, options, inbox, notifier)
     finally:
         inbox.close(keep_ignoring=inbox.stop_received())
     if not served and signal.SIGINT in inbox.received:
         raise KeyboardInterrupt
     return status
+
+
+def _notifying(
+    on_start: Callable[[Server], object] | None, notifier: Notifier, workers: int
+) -> Callable[[Server], object]:
+    """`on_start`, then READY=1 (alone) or a STATUS= line (the supervisor, whose
+    READY=1 waits for the workers)."""
+
+    def announce(server: Server) -> None:
+        if on_start is not None:
+            on_start(server)
+        serving = f"serving on {', '.join(server.addresses)}"
+        if workers == 1:
+            notifier.ready(serving)
+        else:
+            notifier.status(f"starting {workers} workers")
+
+    return announce
 
 
 def _serve(
@@ -104,13 +192,17 @@ def _serve(
     inbox: SignalInbox | None,
     *,
     worker: bool,
+    notifier: Notifier | None = None,
 ) -> bool:
     """Serve in this process until stopped; whether the server was announced.
     The loop is closed on return, the inbox still installed."""
     factory = loop_factory(loop)
     server = Server(handler, **options)
+    on_stop = notifier.stopping if notifier is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve_until_stopped(server, on_start, inbox, _StopPolicy(worker)))
+        return runner.run(
+            _serve_until_stopped(server, on_start, inbox, _StopPolicy(worker, on_stop))
+        )
 
 
 def _supervise(
@@ -120,11 +212,14 @@ def _supervise(
     workers: int,
     options: dict[str, Any],
     inbox: SignalInbox,
+    notifier: Notifier | None = None,
 ) -> tuple[bool, int]:
-    """Bind, announce and supervise the workers: (announced, exit status)."""
+    """Bind (or take the sockets handed over), announce and supervise the
+    workers: (announced, exit status)."""
     loop_factory(loop)  # an unknown or missing loop fails here, once
     bind = {name: options.pop(name) for name in BIND_OPTIONS if name in options}
-    sockets = bind_sockets(**bind)
+    handed: list[socket.socket] = options.pop("sockets", [])
+    sockets = list(handed) or bind_sockets(**bind)
     try:
         described = Server(handler, sockets=sockets, **options)
         if inbox.stop_received():  # while binding: nothing announced, nothing forked
@@ -133,16 +228,31 @@ def _supervise(
         if on_start is not None:
             on_start(described)
 
-        def serve_worker(inherited: list[Any], worker_inbox: SignalInbox) -> int:
+        def serve_worker(
+            inherited: list[Any], worker_inbox: SignalInbox, ready: Callable[[], None]
+        ) -> int:
             worker_options = {**options, "sockets": inherited}
-            _serve(handler, loop, None, worker_options, worker_inbox, worker=True)
+            _serve(handler, loop, lambda _: ready(), worker_options, worker_inbox, worker=True)
             return 0
 
-        return True, supervise(workers, sockets, serve_worker, signals=inbox)
+        serving = f"serving on {', '.join(described.addresses)}, {workers} workers"
+
+        def all_ready() -> None:
+            if notifier is not None:
+                notifier.ready(serving)
+
+        def stopping() -> None:
+            if notifier is not None:
+                notifier.stopping()
+
+        status = supervise(
+            workers, sockets, serve_worker, signals=inbox, on_ready=all_ready, on_stopping=stopping
+        )
+        return True, status
     finally:
         for sock in sockets:
             sock.close()
-        if bind.get("unix") is not None:
+        if bind.get("unix") is not None and not handed:
             with contextlib.suppress(OSError):
                 os.unlink(bind["unix"])
 
@@ -156,8 +266,9 @@ class _StopPolicy:
     from its supervisor: both mean the same stop). SIGQUIT stops at once.
     """
 
-    def __init__(self, worker: bool) -> None:
+    def __init__(self, worker: bool, on_stop: Callable[[], object] | None = None) -> None:
         self.worker = worker
+        self.on_stop = on_stop  # called once, as the stop begins
         self.stop = False  # stop gracefully
         self.at_once = False  # ... and abort the connections left
 
@@ -167,6 +278,8 @@ class _StopPolicy:
 
     def _note(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if signum in SERVER_SIGNALS and not self.stop and self.on_stop is not None:
+            self.on_stop()
         if signum == QUICK_STOP_SIGNAL:
             if not self.at_once:
                 logger.warning("%s received: closing every connection now", name)

@@ -14,6 +14,12 @@ them non-blocking itself, and a supervisor hands them to its workers as they are
 On any failure every socket made so far is closed and the OSError propagates
 unchanged, so its errno says what went wrong (EADDRINUSE, EADDRNOTAVAIL,
 EACCES, EEXIST).
+
+Sockets bound by someone else are taken over here too: `inherited_sockets` finds
+the ones a service manager passed by socket activation (systemd's LISTEN_FDS
+protocol, as sd_listen_fds(3) reads it), `sockets_from_fds` wraps descriptors
+named by number (`--fd`). Either checks that each is a listening stream socket
+and makes it close-on-exec, or raises `InheritedSocketError`.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_BACKLOG",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
+    "LISTEN_FDS_START",
     "MAX_BACKLOG",
+    "InheritedSocketError",
     "ResolvedAddress",
     "bind_resolved",
     "bind_sockets",
@@ -39,8 +47,10 @@ __all__ = [
     "bind_unix",
     "clear_stale_socket",
     "format_address",
+    "inherited_sockets",
     "resolve_addresses",
     "resolve_addresses_async",
+    "sockets_from_fds",
 ]
 
 # Loopback: a service is never exposed to the network unless asked to be.
@@ -62,6 +72,10 @@ PASSIVE_FLAGS = socket.AI_PASSIVE
 # number) without a lookup, so it may run on the event loop's thread; any other
 # name fails at once with EAI_NONAME.
 NUMERIC_FLAGS = PASSIVE_FLAGS | socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+# Socket activation: the first descriptor passed (SD_LISTEN_FDS_START), and the
+# variables that say how many, for which process, and their names.
+LISTEN_FDS_START = 3
+LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class ResolvedAddress(NamedTuple):
@@ -254,6 +268,103 @@ async def bind_sockets_async(
         return [bind_unix(unix, backlog)]
     addresses = await resolve_addresses_async(_host_list(host), port)
     return bind_resolved(addresses, port, backlog=backlog, reuse_port=reuse_port)
+
+
+class InheritedSocketError(OSError):
+    """A descriptor handed over that cannot be served on (not open, not a socket,
+    not a listening stream socket), or LISTEN_* variables that make no sense.
+    Its str() is the reason in one line, naming the descriptor."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def inherited_sockets(
+    environ: MutableMapping[str, str] | None = None, *, unset: bool = True
+) -> list[socket.socket] | None:
+    """The listening sockets a service manager passed to this process, or None.
+
+    As sd_listen_fds(3): LISTEN_PID must be this process's id and LISTEN_FDS
+    the number of descriptors passed, from fd 3 on; otherwise (not set, or set
+    for another process, as a parent's variables inherited) None, and nothing
+    is touched. LISTEN_FDS=0 is None too. With `unset` (the default), LISTEN_PID,
+    LISTEN_FDS and LISTEN_FDNAMES are removed from `environ` (os.environ by
+    default, and so from the real environment) in every case, so that no
+    process started from here takes them for its own. Each socket is checked
+    and made close-on-exec as `sockets_from_fds` does; InheritedSocketError
+    for malformed variables or a descriptor that is not a listening stream socket.
+    """
+    env = os.environ if environ is None else environ
+    pid_text, count_text = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if unset:
+        for name in LISTEN_VARIABLES:
+            env.pop(name, None)
+    if not pid_text or not count_text:
+        return None
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        raise InheritedSocketError(
+            errno.EINVAL, f"LISTEN_PID={pid_text!r} is not a process id"
+        ) from None
+    if pid != os.getpid():
+        return None
+    try:
+        count = int(count_text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise InheritedSocketError(
+            errno.EINVAL, f"LISTEN_FDS={count_text!r} is not a number of descriptors"
+        )
+    if count == 0:
+        return None
+    return sockets_from_fds(range(LISTEN_FDS_START, LISTEN_FDS_START + count))
+
+
+def sockets_from_fds(fds: Iterable[int]) -> list[socket.socket]:
+    """Listening sockets for descriptors this process was handed (each once).
+
+    Each must be an open socket of type SOCK_STREAM that listens (TCP or Unix);
+    it is made close-on-exec, and returned in the mode it came in. On failure
+    InheritedSocketError says which descriptor and why, and the descriptors
+    are left open and as they were (the sockets made so far are detached, not
+    closed).
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for fd in dict.fromkeys(fds):
+            sockets.append(_listening_socket(fd))
+    except BaseException:
+        for sock in sockets:
+            sock.detach()
+        raise
+    for sock in sockets:
+        sock.set_inheritable(False)
+    return sockets
+
+
+def _listening_socket(fd: int) -> socket.socket:
+    if fd < 0:
+        raise InheritedSocketError(errno.EBADF, f"fd {fd} is not a file descriptor")
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as error:
+        raise InheritedSocketError(error.errno, f"fd {fd} is not open") from None
+    if not stat.S_ISSOCK(mode):
+        raise InheritedSocketError(errno.ENOTSOCK, f"fd {fd} is not a socket")
+    sock = socket.socket(fileno=fd)
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        kind = sock.type
+    except OSError as error:
+        sock.detach()
+        raise InheritedSocketError(error.errno, f"fd {fd}: {error.strerror}") from None
+    if kind != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        what = "a stream socket" if kind != socket.SOCK_STREAM else "listening"
+        raise InheritedSocketError(errno.EINVAL, f"fd {fd} is not {what}")
+    return sock
 
 
 def _host_list(host: str | Sequence[str | None] | None) -> list[str | None]:

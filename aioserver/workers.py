@@ -27,6 +27,10 @@ The supervisor is one state machine, run by `supervise`:
 - It returns once no worker is left: 0 if every worker exited 0 after the stop
   began, 1 if any failed or was killed then.
 
+Each worker reports through a pipe once it accepts (its `ready` callback writes
+its pid); once every worker running reports, the supervisor calls `on_ready`
+(the readiness a service manager waits for), and `on_stopping` as a stop begins.
+
 A worker is forked with the stop signals blocked; before it unblocks them it
 closes the supervisor's inbox and installs its own, so a signal meant for the
 supervisor never runs in a worker, and a stop signal a worker receives before
@@ -48,6 +52,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -80,9 +85,14 @@ RESTART_BACKOFF = 1.0
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
+# A worker's ready report: its pid, written to the supervisor's pipe in one
+# write (atomic, being far under PIPE_BUF).
+READY_REPORT = struct.Struct("=I")
+
 # What a forked worker runs: serve the inherited sockets, taking stop signals
-# from the inbox given; its return value (an int, or None for 0) is its exit status.
-WorkerMain = Callable[[list[socket.socket], "SignalInbox"], object]
+# from the inbox given, and calling the ready callback given once it accepts;
+# its return value (an int, or None for 0) is its exit status.
+WorkerMain = Callable[[list[socket.socket], "SignalInbox", Callable[[], None]], object]
 
 
 class SignalInbox:
@@ -197,8 +207,11 @@ def supervise(
     serve_worker: WorkerMain,
     *,
     signals: SignalInbox | None = None,
+    on_ready: Callable[[], object] | None = None,
+    on_stopping: Callable[[], object] | None = None,
 ) -> int:
-    """Run `workers` forked processes, each calling `serve_worker(sockets, inbox)`.
+    """Run `workers` forked processes, each calling `serve_worker(sockets,
+    inbox, ready)`, where `ready()` reports that the worker accepts.
 
     Stops them all on SIGINT or SIGTERM to the supervisor, even one that came
     before, during or after a worker was started or restarted (none is started
@@ -210,6 +223,10 @@ def supervise(
     the caller can have them handled from before it announces the server);
     otherwise one is installed here and closed on return.
 
+    `on_ready()` is called (in the supervisor) once, when all `workers` workers
+    have reported ready at the same time; `on_stopping()` once, as a stop begins.
+    Neither should raise or block.
+
     Returns the exit status: 0 if every worker exited 0 after the stop began,
     1 if any of them failed or was killed then.
     """
@@ -220,7 +237,9 @@ def supervise(
     if own:
         inbox.install()
     try:
-        return _Supervisor(workers, sockets, serve_worker, inbox).run()
+        supervisor = _Supervisor(workers, sockets, serve_worker, inbox)
+        supervisor.on_ready, supervisor.on_stopping = on_ready, on_stopping
+        return supervisor.run()
     finally:
         if own:
             inbox.close()
@@ -246,6 +265,14 @@ class _Supervisor:
         self.due: list[float] = [time.monotonic()] * workers
         self.failed = False
         self.prctl = _load_prctl()
+        self.workers = workers
+        self.on_ready: Callable[[], object] | None = None
+        self.on_stopping: Callable[[], object] | None = None
+        # Workers running that have reported ready, and the report pipe.
+        self.ready: set[int] = set()
+        self.announced = False
+        self._reports = b""
+        self._ready_read, self._ready_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
         try:
@@ -257,6 +284,7 @@ class _Supervisor:
                 self._reap()
                 for signum in signums:
                     self._on_signal(signum)
+                self._take_ready()
                 if self.state != self.RUNNING:
                     if not self.children:
                         break
@@ -268,12 +296,37 @@ class _Supervisor:
         finally:
             for sock in self.sockets:
                 sock.close()
+            for fd in (self._ready_read, self._ready_write):
+                os.close(fd)
         logger.info("Stopped")
         return 1 if self.failed else 0
 
     def _wait(self, timeout: float | None) -> None:
-        """Until a signal is waiting (SIGCHLD included) or `timeout` passes."""
-        select.select([self.inbox.fileno()], [], [], timeout)
+        """Until a signal is waiting (SIGCHLD included), a worker reports ready,
+        or `timeout` passes."""
+        select.select([self.inbox.fileno(), self._ready_read], [], [], timeout)
+
+    def _take_ready(self) -> None:
+        """Read the workers' ready reports; call on_ready once all are ready.
+        A report from a worker reaped already is ignored (it died after it)."""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self._ready_read, 4096):
+                self._reports += chunk
+        size = READY_REPORT.size
+        while len(self._reports) >= size:
+            (pid,) = READY_REPORT.unpack(self._reports[:size])
+            self._reports = self._reports[size:]
+            if pid in self.children:
+                self.ready.add(pid)
+        if not self.announced and self.state == self.RUNNING and len(self.ready) >= self.workers:
+            self.announced = True
+            if self.on_ready is not None:
+                self.on_ready()
+
+    def _report_ready(self) -> None:
+        """In a worker: tell the supervisor this worker accepts."""
+        with contextlib.suppress(OSError):
+            os.write(self._ready_write, READY_REPORT.pack(os.getpid()))
 
     def _on_signal(self, signum: int) -> None:
         if signum not in SERVER_SIGNALS:
@@ -284,14 +337,20 @@ class _Supervisor:
                 return
             again = " again" if signum != QUICK_STOP_SIGNAL else ""
             logger.warning("%s received%s: stopping the workers at once", name, again)
+            self._stopping()
             self.state = self.QUITTING
             self._signal_all(QUICK_STOP_SIGNAL)
         elif self.state == self.RUNNING:
             logger.info(
                 "%s received: stopping the workers (send it again to stop them at once)", name
             )
+            self._stopping()
             self.state = self.STOPPING
             self._signal_all(signum)
+
+    def _stopping(self) -> None:
+        if self.state == self.RUNNING and self.on_stopping is not None:
+            self.on_stopping()
 
     def _signal_all(self, signum: int) -> None:
         for pid in self.children:
@@ -308,6 +367,7 @@ class _Supervisor:
             if pid == 0:
                 return
             started = self.children.pop(pid, None)
+            self.ready.discard(pid)
             if started is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -356,7 +416,8 @@ class _Supervisor:
             inbox = self.inbox.replace_in_worker(SERVER_SIGNALS)
             _become_worker(self.pid, self.prctl)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            result = self.serve_worker(self.sockets, inbox)
+            os.close(self._ready_read)
+            result = self.serve_worker(self.sockets, inbox, self._report_ready)
             code = result if isinstance(result, int) else 0
         except BaseException:
             logger.exception("Worker %d failed", os.getpid())
