@@ -6,6 +6,8 @@ point. Every fixture is function-scoped and yields a started server.
 For asyncio tests (pytest-asyncio 1.x, strict or auto mode):
 
 - `echo_server`, `thanks_server`: a `TestServer` with the built-in protocol.
+- `expect_server`: a `TestServer` that answers by its expectations
+  (`expect_server.expect(b"PING").respond_with(b"PONG\\n")`), lines ending in LF.
 - `server_factory`: `await server_factory(handler, **options)` starts a
   `TestServer` with any handler and the options of TestServer.
 
@@ -16,12 +18,22 @@ that asks for one fails at setup, saying to use the threaded fixture.
 
 For any test, synchronous or not, with no pytest-asyncio needed:
 
-- `threaded_echo_server`, `threaded_thanks_server`: a `ThreadedTestServer`.
+- `threaded_echo_server`, `threaded_thanks_server`, `threaded_expect_server`: a
+  `ThreadedTestServer`.
 - `threaded_server_factory`: `threaded_server_factory(handler, **options)`.
 
 At teardown every server is stopped through `aioserver.Server.stop()`, on its own
 loop: the listening socket closes, every connection task is cancelled and awaited,
 no task, socket or thread is left and nothing warns.
+
+Checks: when the test function has passed, `check()` runs on every server these
+fixtures made for it, and an unexpected message, an unmet one-shot or ordered
+expectation or a handler error fails the test (not its teardown), with the
+transcript of the connections involved. `@pytest.mark.aioserver_no_check` opts a
+test (or a class or module, by `pytestmark`) out. When a test that used these
+fixtures fails in any phase, its report gets a section "Captured aioserver
+<phase>" with each server's transcript: per connection what it received and sent,
+2 KiB each way, the last 20 connections.
 
 A server with a wider scope than a test is one the test project makes itself:
 `async with TestServer(...)` in a fixture with that scope and loop scope. A test
@@ -40,6 +52,7 @@ import pytest
 
 from .protocols import Handler, echo, thanks
 from .testing import ServerOptions, TestServer, ThreadedTestServer, WrongLoopError
+from .testing.base import TestServerBase
 
 try:
     import pytest_asyncio
@@ -52,15 +65,49 @@ __all__ = [
     "ServerFactory",
     "ThreadedServerFactory",
     "echo_server",
+    "expect_server",
     "server_factory",
     "thanks_server",
     "threaded_echo_server",
+    "threaded_expect_server",
     "threaded_server_factory",
     "threaded_thanks_server",
 ]
 
 LoopScope = Literal["function", "class", "module", "package", "session"]
 LOOP_SCOPES: tuple[LoopScope, ...] = ("function", "class", "module", "package", "session")
+
+NO_CHECK_MARKER = "aioserver_no_check"
+
+# What the fixtures made for a test: servers and factories, checked after the
+# test and shown in the report of a failure.
+_MADE = pytest.StashKey[list["TestServerBase | ServerFactory | ThreadedServerFactory"]]()
+
+
+def _register(request: pytest.FixtureRequest, made: object) -> None:
+    node = request.node
+    if isinstance(node, pytest.Item):
+        node.stash.setdefault(_MADE, []).append(
+            cast("TestServerBase | ServerFactory | ThreadedServerFactory", made)
+        )
+
+
+def _servers_of(item: pytest.Item) -> list[TestServerBase]:
+    servers: list[TestServerBase] = []
+    for made in item.stash.get(_MADE, []):
+        if isinstance(made, ServerFactory | ThreadedServerFactory):
+            servers += made.servers
+        else:
+            servers.append(made)
+    return servers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{NO_CHECK_MARKER}: do not fail the test when a server from the aioserver "
+        "fixtures saw unexpected messages, unmet expectations or handler errors",
+    )
 
 
 class ServerFactory:
@@ -74,7 +121,7 @@ class ServerFactory:
         self.servers: list[TestServer] = []
 
     async def __call__(
-        self, handler: Handler = echo, **options: Unpack[ServerOptions]
+        self, handler: Handler | None = echo, **options: Unpack[ServerOptions]
     ) -> TestServer:
         """A started TestServer(handler, **options); OSError if it cannot bind."""
         if asyncio.get_running_loop() is not self.loop:
@@ -105,7 +152,11 @@ class ThreadedServerFactory:
         self.servers: list[ThreadedTestServer] = []
 
     def __call__(
-        self, handler: Handler = echo, *, loop: str = "auto", **options: Unpack[ServerOptions]
+        self,
+        handler: Handler | None = echo,
+        *,
+        loop: str = "auto",
+        **options: Unpack[ServerOptions],
     ) -> ThreadedTestServer:
         """A started ThreadedTestServer(handler, loop=loop, **options)."""
         server = ThreadedTestServer(handler, loop=loop, **options).start()
@@ -142,7 +193,13 @@ def _stop_all(servers: list[ThreadedTestServer]) -> None:
 # asks for it, one of the variants below: an async fixture with that loop scope,
 # so pytest-asyncio runs it (setup, teardown) on the test's own loop.
 
-InLoopKind = Literal["echo_server", "thanks_server", "server_factory"]
+InLoopKind = Literal["echo_server", "thanks_server", "expect_server", "server_factory"]
+ServerKind = Literal["echo_server", "thanks_server", "expect_server"]
+HANDLERS: dict[str, Handler | None] = {
+    "echo_server": echo,
+    "thanks_server": thanks,
+    "expect_server": None,
+}
 
 
 def _variant_name(kind: InLoopKind, scope: LoopScope) -> str:
@@ -191,16 +248,18 @@ def _on_test_loop(request: pytest.FixtureRequest, kind: InLoopKind) -> object:
 
 def _define_variants() -> None:
     for scope in LOOP_SCOPES:
-        for kind in ("echo_server", "thanks_server"):
+        kinds: tuple[ServerKind, ...] = ("echo_server", "thanks_server", "expect_server")
+        for kind in kinds:
             _define_server_variant(kind, scope)
         _define_factory_variant(scope)
 
 
-def _define_server_variant(kind: Literal["echo_server", "thanks_server"], scope: LoopScope) -> None:
-    handler = echo if kind == "echo_server" else thanks
+def _define_server_variant(kind: ServerKind, scope: LoopScope) -> None:
+    handler = HANDLERS[kind]
 
-    async def variant() -> AsyncIterator[TestServer]:
+    async def variant(request: pytest.FixtureRequest) -> AsyncIterator[TestServer]:
         async with TestServer(handler) as server:
+            _register(request, server)
             yield server
 
     name = _variant_name(kind, scope)
@@ -208,8 +267,9 @@ def _define_server_variant(kind: Literal["echo_server", "thanks_server"], scope:
 
 
 def _define_factory_variant(scope: LoopScope) -> None:
-    async def variant() -> AsyncIterator[ServerFactory]:
+    async def variant(request: pytest.FixtureRequest) -> AsyncIterator[ServerFactory]:
         factory = ServerFactory()
+        _register(request, factory)
         try:
             yield factory
         finally:
@@ -236,6 +296,12 @@ def thanks_server(request: pytest.FixtureRequest) -> TestServer:
 
 
 @pytest.fixture
+def expect_server(request: pytest.FixtureRequest) -> TestServer:
+    """A started TestServer answering by its expectations, on this asyncio test's loop."""
+    return cast(TestServer, _on_test_loop(request, "expect_server"))
+
+
+@pytest.fixture
 def server_factory(request: pytest.FixtureRequest) -> ServerFactory:
     """`await server_factory(handler, **options)`: TestServers stopped after the test."""
     return cast(ServerFactory, _on_test_loop(request, "server_factory"))
@@ -245,23 +311,34 @@ def server_factory(request: pytest.FixtureRequest) -> ServerFactory:
 
 
 @pytest.fixture
-def threaded_echo_server() -> Iterator[ThreadedTestServer]:
+def threaded_echo_server(request: pytest.FixtureRequest) -> Iterator[ThreadedTestServer]:
     """A started echo ThreadedTestServer, stopped (thread joined) after the test."""
     with ThreadedTestServer(echo) as server:
+        _register(request, server)
         yield server
 
 
 @pytest.fixture
-def threaded_thanks_server() -> Iterator[ThreadedTestServer]:
+def threaded_thanks_server(request: pytest.FixtureRequest) -> Iterator[ThreadedTestServer]:
     """A started thanks ThreadedTestServer, stopped (thread joined) after the test."""
     with ThreadedTestServer(thanks) as server:
+        _register(request, server)
         yield server
 
 
 @pytest.fixture
-def threaded_server_factory() -> Iterator[ThreadedServerFactory]:
+def threaded_expect_server(request: pytest.FixtureRequest) -> Iterator[ThreadedTestServer]:
+    """A started ThreadedTestServer answering by its expectations, stopped after the test."""
+    with ThreadedTestServer(None) as server:
+        _register(request, server)
+        yield server
+
+
+@pytest.fixture
+def threaded_server_factory(request: pytest.FixtureRequest) -> Iterator[ThreadedServerFactory]:
     """`threaded_server_factory(handler, **options)`: servers stopped after the test."""
     factory = ThreadedServerFactory()
+    _register(request, factory)
     try:
         yield factory
     finally:
@@ -272,8 +349,43 @@ def threaded_server_factory() -> Iterator[ThreadedServerFactory]:
 # its fixtures would never answer: say so before the test hangs on it.
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_call(item: pytest.Item) -> None:
+# After a test that passed: check every server the fixtures made for it.
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    _refuse_stopped_loops(item)
+    result = yield  # a test that failed stops here: its failure is the report
+    if item.get_closest_marker(NO_CHECK_MARKER) is None:
+        failures = []
+        for server in _servers_of(item):
+            try:
+                server.check()
+            except AssertionError as error:
+                failures.append(str(error))
+        if failures:
+            pytest.fail(
+                "\n\n".join(failures) + f"\n(opt out with @pytest.mark.{NO_CHECK_MARKER})",
+                pytrace=False,
+            )
+    return result
+
+
+# The transcript of every server in the report of a test that failed.
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    excinfo = call.excinfo
+    if excinfo is not None and not excinfo.errisinstance(pytest.skip.Exception):
+        servers = _servers_of(item)
+        if servers:
+            transcript = "\n\n".join(server.transcript() for server in servers)
+            item.add_report_section(call.when, "aioserver", transcript)
+    return (yield)
+
+
+def _refuse_stopped_loops(item: pytest.Item) -> None:
     funcargs = getattr(item, "funcargs", None)
     if not funcargs or _is_async_test(item):
         return

@@ -327,6 +327,106 @@ async def test_the_right_loop_still_works(module_server):
 """
 )
 
+# Expectations checked after each test, the opt-out, and the transcript of a failure.
+EXPECT_TESTS = (
+    HELPERS
+    + """
+import re
+
+
+@pytest.mark.asyncio
+async def test_met(expect_server):
+    expect_server.expect(b"HELLO", ordered=True).respond_with(b"hi\\n")
+    expect_server.expect(re.compile(rb"GET \\w+"), ordered=True).respond_with(b"value\\n")
+    assert await talk(expect_server.address, b"HELLO\\nGET key\\n") == b"hi\\nvalue\\n"
+
+
+@pytest.mark.asyncio
+async def test_unexpected(expect_server):
+    expect_server.expect(b"PING").respond_with(b"PONG\\n")
+    assert await talk(expect_server.address, b"PING\\nSURPRISE\\n") == b"PONG\\n"
+
+
+@pytest.mark.asyncio
+async def test_unmet(server_factory):
+    server = await server_factory(None, delimiter=b"\\r\\n")
+    server.expect(b"QUIT", once=True)
+
+
+@pytest.mark.asyncio
+async def test_handler_error(server_factory):
+    async def broken(reader, writer):
+        await reader.read(1)
+        raise ValueError("the handler broke")
+
+    server = await server_factory(broken)
+    await talk(server.address, b"x")
+    await server.wait_for_closed(1)
+
+
+@pytest.mark.aioserver_no_check
+@pytest.mark.asyncio
+async def test_opted_out(expect_server):
+    await talk(expect_server.address, b"SURPRISE\\n")
+
+
+def test_threaded_unmet(threaded_expect_server):
+    threaded_expect_server.expect(b"DATA", once=True)
+    assert talk_blocking(threaded_expect_server.address, b"") == b""
+
+
+@pytest.mark.asyncio
+async def test_fails_by_itself(echo_server):
+    assert await talk(echo_server.address, b"sent by the client") == b"something else"
+"""
+)
+
+
+def test_check_after_the_test_fails_it_and_failures_show_the_transcript(
+    pytester: pytest.Pytester,
+) -> None:
+    make_project(pytester, STRICT_INI)
+    pytester.makepyfile(test_expect=EXPECT_TESTS)
+    result = run(pytester, "-rf")
+    result.assert_outcomes(passed=2, failed=5)
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 7"])
+    out = result.stdout.str()
+    # Each check failure names its problem, with the opt-out.
+    result.stdout.fnmatch_lines_random(
+        [
+            "*<TestServer expectations 127.0.0.1:* serving>: 1 problem(s)",
+            "*- unexpected message b'SURPRISE' on connection #0",
+            "*- one-shot expectation expect(b'QUIT', once=True) was never met",
+            "*- handler error on connection #0: ValueError('the handler broke')",
+            "*<ThreadedTestServer expectations 127.0.0.1:* serving>: 1 problem(s)",
+            "*- one-shot expectation expect(b'DATA', once=True) was never met",
+            "*(opt out with @pytest.mark.aioserver_no_check)",
+        ]
+    )
+    assert "test_opted_out" not in out.split("short test summary info")[1]
+    assert "test_met" not in out.split("short test summary info")[1]
+    # The report of every failure has the transcript section.
+    assert out.count("Captured aioserver call") == 5
+    result.stdout.fnmatch_lines(
+        [
+            "*test_fails_by_itself*",
+            "*Captured aioserver call*",
+            "<TestServer echo 127.0.0.1:* serving>, 1 connection(s):",
+            "connection #0 from 127.0.0.1:*, client closed:",
+            "  received 18 bytes: b'sent by the client'",
+            "  sent 18 bytes: b'sent by the client'",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*Captured aioserver call*",
+            "<TestServer expectations 127.0.0.1:* serving>, 1 connection(s):",
+            "connection #0 from 127.0.0.1:*, client closed:",
+            "  received 14 bytes: b'PING\\nSURPRISE\\n'",
+            "  sent 5 bytes: b'PONG\\n'",
+        ]
+    )
+
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -430,8 +530,8 @@ def test_the_readme_example_passes(pytester: pytest.Pytester, mode: str) -> None
     )
     pytester.makepyfile(test_readme=readme_example())
     result = run(pytester)
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 3"])
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 5"])
 
 
 # The fixtures in this very suite too: strict mode, each test on asyncio and uvloop.

@@ -12,12 +12,18 @@ closed connections with a timeout. `Faults` switches delays, truncation, resets 
 stalls on and off while the server runs; `refuse_connections()` takes the server
 down while keeping its port, and `accept_connections()` brings it back.
 
+`server.expect(match).respond_with(reply)` declares what the server answers to
+which message (a server made with handler None answers only so); `server.check()`
+raises AssertionError naming unexpected messages, one-shot or ordered expectations
+not met and handler errors, with a transcript of the connections involved.
+
 Stopping goes through `aioserver.Server.stop()`: the listening socket closes, every
 connection task is cancelled and awaited, every socket is closed.
 """
 
 # The modules, by role: recording (ConnectionRecord, Ending, the waits), faults
-# (Faults, and the reader and writer that apply them), listener (the listening
+# (Faults, and the reader and writer that apply them), expectations (Expectation,
+# the book of expectations, framing by delimiter), listener (the listening
 # aioserver.Server, refusing and listening again on one port), base
 # (TestServerBase: what both servers share), server (TestServer, in-loop) and
 # threaded (ThreadedTestServer, on a loop in its own thread). The names imported
@@ -27,6 +33,7 @@ from ..protocols import echo, thanks
 from .base import DEFAULT_WAIT_TIMEOUT, TEST_SHUTDOWN_TIMEOUT, ServerOptions
 from .base import _check_wait as _check_wait
 from .base import _handler_name as _handler_name
+from .expectations import Expectation, UnexpectedMessage
 from .faults import _LINGER_RESET as _LINGER_RESET
 from .faults import Faults
 from .faults import _FaultyWriter as _FaultyWriter
@@ -47,10 +54,12 @@ __all__ = [
     "TEST_SHUTDOWN_TIMEOUT",
     "ConnectionRecord",
     "Ending",
+    "Expectation",
     "Faults",
     "ServerOptions",
     "TestServer",
     "ThreadedTestServer",
+    "UnexpectedMessage",
     "WrongLoopError",
     "echo",
     "thanks",

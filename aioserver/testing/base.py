@@ -16,13 +16,25 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import ssl as ssl_module
-from typing import Any, ClassVar, TypedDict
+import traceback
+from typing import Any, ClassVar, TypedDict, cast
 
-from ..protocols import DEFAULT_MAX_MESSAGE_SIZE, Handler, echo
+from ..protocols import DEFAULT_MAX_MESSAGE_SIZE, READ_CHUNK, Handler, echo
 from ..server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
-from .faults import Faults, _serve_with_faults
+from .expectations import (
+    Expectation,
+    Matcher,
+    Unexpected,
+    UnexpectedMessage,
+    _Book,
+    _check_delimiter,
+    _check_unexpected,
+    _Framer,
+    _TooLong,
+)
+from .faults import Faults, _FaultyWriter, _serve_with_faults
 from .listener import _Listener
-from .recording import ConnectionRecord, _Recording
+from .recording import ConnectionRecord, _Recording, _transcript
 
 # Five seconds: loopback traffic needs milliseconds, and a wait that can never
 # succeed fails with its own message well inside a per-test timeout.
@@ -43,6 +55,9 @@ class ServerOptions(TypedDict, total=False):
     max_message_size: int
     shutdown_timeout: float
     ssl: ssl_module.SSLContext | None
+    delimiter: bytes | None
+    unexpected: Unexpected
+    expectations: bool
 
 
 def _check_wait(n: int, timeout: float) -> None:
@@ -52,8 +67,14 @@ def _check_wait(n: int, timeout: float) -> None:
         raise ValueError(f"timeout must not be negative, not {timeout!r}")
 
 
-def _handler_name(handler: Handler) -> str:
+def _handler_name(handler: Handler | None) -> str:
+    if handler is None:
+        return "expectations"
     return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+# How many characters of a handler error's traceback check() shows.
+TRACEBACK_CHARS = 4000
 
 
 class TestServerBase:
@@ -69,7 +90,7 @@ class TestServerBase:
 
     def __init__(
         self,
-        handler: Handler = echo,
+        handler: Handler | None = echo,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -79,7 +100,12 @@ class TestServerBase:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         shutdown_timeout: float = TEST_SHUTDOWN_TIMEOUT,
         ssl: ssl_module.SSLContext | None = None,
+        delimiter: bytes | None = b"\n",
+        unexpected: Unexpected = None,
+        expectations: bool = False,
     ) -> None:
+        _check_delimiter(delimiter)
+        _check_unexpected(unexpected)
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -101,7 +127,11 @@ class TestServerBase:
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = "new"  # -> starting -> serving <-> refusing -> stopped
-        self._recording = _Recording()
+        self._recording = _Recording(delimiter)
+        self._delimiter = delimiter
+        self._unexpected = unexpected
+        self._expectations_on = expectations
+        self._book = _Book()
         self._stop_done: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -111,13 +141,108 @@ class TestServerBase:
     # What it runs.
 
     @property
-    def handler(self) -> Handler:
-        """The handler for connections accepted from now on (settable at run time)."""
+    def handler(self) -> Handler | None:
+        """The handler for connections accepted from now on (settable at run time).
+
+        None: the server answers by its expectations (see `expect`).
+        """
         return self._handler
 
     @handler.setter
-    def handler(self, handler: Handler) -> None:
+    def handler(self, handler: Handler | None) -> None:
         self._handler = handler
+
+    @property
+    def delimiter(self) -> bytes | None:
+        """What ends a message (None: each chunk as it arrives is a message)."""
+        return self._delimiter
+
+    # Expectations.
+
+    @property
+    def expects(self) -> bool:
+        """True when new connections are answered by the expectations, not the handler:
+        the handler is None, the server was made with `expectations=True`, or it
+        has an expectation."""
+        return self._handler is None or self._expectations_on or bool(self._book)
+
+    def expect(self, match: Matcher, *, ordered: bool = False, once: bool = False) -> Expectation:
+        """Expect a message; say what to answer with the returned `Expectation`.
+
+        `match` is exact bytes, a compiled bytes pattern (`re.fullmatch`) or a
+        predicate, applied to the message without its delimiter. Permanent by
+        default (any number of matches, none required); `once=True`: used up
+        after one match, and `check()` fails if it never matched; `ordered=True`:
+        one-shot too, and the ordered expectations must be met in the order
+        declared. A message is offered to the next ordered expectation, then to
+        the one-shot ones, then to the permanent ones (each in declaration order).
+
+        From now on new connections are served by the expectations instead of
+        the handler. Callable from any thread, at any time.
+        """
+        return self._book.add(match, ordered=ordered, once=once)
+
+    @property
+    def expectations(self) -> list[Expectation]:
+        """Every expectation declared, in order."""
+        with self._book.lock:
+            return list(self._book.expectations)
+
+    @property
+    def unexpected_messages(self) -> list[UnexpectedMessage]:
+        """Every message no expectation took, in arrival order."""
+        with self._book.lock:
+            return list(self._book.unexpected)
+
+    def clear_expectations(self) -> None:
+        """Forget every expectation and unexpected message (handler errors stay)."""
+        self._book.clear()
+
+    def check(self) -> None:
+        """Raise AssertionError naming everything that went wrong so far.
+
+        That is: every unexpected message, every one-shot or ordered expectation
+        not met, and every exception a handler (or a matcher or reply function)
+        raised; followed by the transcript of the connections involved (bounded).
+        Returns None when all is well. The pytest fixtures call it after the test.
+        """
+        unexpected, unmet = self._book.problems()
+        records = self.connections
+        failed = [r for r in records if r.error is not None]
+        problems: list[str] = []
+        involved: set[int] = set()
+        for item in unexpected:
+            reason = f" ({item.reason})" if item.reason else ""
+            problems.append(
+                f"unexpected message {item.message!r} on connection #{item.connection}{reason}"
+            )
+            involved.add(item.connection)
+        for expectation in unmet:
+            kind = "ordered" if expectation.ordered else "one-shot"
+            problems.append(f"{kind} expectation {expectation!r} was never met")
+        for record in failed:
+            error = cast(BaseException, record.error)
+            text = "".join(traceback.format_exception(error)).rstrip()
+            if len(text) > TRACEBACK_CHARS:
+                text = "..." + text[-TRACEBACK_CHARS:]
+            problems.append(
+                f"handler error on connection #{record.index}: {error!r}\n"
+                + "\n".join("    " + line for line in text.splitlines())
+            )
+            involved.add(record.index)
+        if not problems:
+            return
+        message = [f"{self!r}: {len(problems)} problem(s)"]
+        message += [f"- {problem}" for problem in problems]
+        shown = [r for r in records if r.index in involved]
+        if shown:
+            message.append("transcript of the connections involved:")
+            message.append(_transcript(shown))
+        raise AssertionError("\n".join(message))
+
+    def transcript(self) -> str:
+        """What each connection received and sent: 2 KiB each way, the last 20."""
+        return f"{self!r}, {len(self.connections)} connection(s):\n" + _transcript(self.connections)
 
     @property
     def faults(self) -> Faults:
@@ -226,15 +351,70 @@ class TestServerBase:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         # The handler every aioserver.Server of this test server runs: it records the
-        # connection, applies the faults, and calls the user's handler.
+        # connection, applies the faults, and calls the user's handler (or answers
+        # by the expectations).
+        handler = self._serve_expected if self.expects else self.handler
+        assert handler is not None
         await _serve_with_faults(
-            self.handler,
+            handler,
             self.faults,
             self._recording,
             self._options["max_message_size"],
             reader,
             writer,
         )
+
+    async def _serve_expected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # Frame the messages, answer each by the expectations; at EOF answer the
+        # last fragment and close. The writer is the link's, with its faults.
+        link = cast(_FaultyWriter, writer)._link
+        index = link.live.index
+        framer = _Framer(self._delimiter, self._options["max_message_size"])
+        try:
+            while data := await reader.read(READ_CHUNK):
+                try:
+                    messages = framer.feed(data)
+                except _TooLong as error:
+                    with self._book.lock:
+                        self._book.unexpected.append(
+                            UnexpectedMessage(index, error.head, str(error))
+                        )
+                    return
+                for message in messages:
+                    if not await self._answer(message, index, writer):
+                        return
+            last = framer.finish()
+            if last is not None:
+                await self._answer(last, index, writer)
+        finally:
+            if not link.dead:
+                writer.close()
+                await writer.wait_closed()
+
+    async def _answer(self, message: bytes, index: int, writer: asyncio.StreamWriter) -> bool:
+        """Answer one message; False when the connection is to end."""
+        action = self._book.take(message, index)
+        if action is None:
+            unexpected = self._unexpected
+            if unexpected == "close":
+                return False
+            if isinstance(unexpected, bytes):
+                writer.write(unexpected)
+                await writer.drain()
+            return True
+        if action.delay:
+            await asyncio.sleep(action.delay)
+        if action.kind == "close":
+            return False
+        if action.kind == "reset":
+            cast(_FaultyWriter, writer)._link.reset()
+            return False
+        if action.data:
+            writer.write(action.data)
+            await writer.drain()
+        return True
 
     # Errors.
 

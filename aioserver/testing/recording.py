@@ -48,8 +48,10 @@ class ConnectionRecord:
     sent: bytes
     """Every byte sent to the client (after the delay and close_after faults)."""
     messages: list[bytes]
-    """`received` as the thanks protocol splits it: each line with its b"\\n", and a
-    last fragment without one once the client has closed."""
+    """`received` split by the server's delimiter (b"\\n" by default, as the thanks
+    protocol splits it): each message with its delimiter, and a last fragment
+    without one once the client has closed. With the delimiter None, each chunk
+    as it was read."""
     ended: Ending | None
     """None while the connection is open."""
     error: BaseException | None = None
@@ -94,7 +96,8 @@ class _Recording:
     arguments the server has checked (`base._check_wait`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delimiter: bytes | None = b"\n") -> None:
+        self._delimiter = delimiter
         self._condition = threading.Condition()
         self._connections: list[_Live] = []
         self._messages: list[bytes] = []
@@ -113,12 +116,19 @@ class _Recording:
     def received(self, live: _Live, data: bytes) -> None:
         with self._condition:
             live.received += data
+            delimiter = self._delimiter
+            if delimiter is None:
+                live.messages.append(data)
+                self._messages.append(data)
+                self._changed()
+                return
             live.fragment += data
-            end = live.fragment.rfind(b"\n") + 1
-            if end:
+            end = live.fragment.rfind(delimiter)
+            if end >= 0:
+                end += len(delimiter)
                 complete = bytes(live.fragment[:end])
                 del live.fragment[:end]
-                messages = [line + b"\n" for line in complete.split(b"\n")[:-1]]
+                messages = [part + delimiter for part in complete.split(delimiter)[:-1]]
                 live.messages += messages
                 self._messages += messages
             self._changed()
@@ -195,3 +205,43 @@ class _Recording:
         with self._condition:
             count = self.count(what)
         return f"waited {timeout:g} s for {n} {noun}, but {count} {seen}"
+
+
+# Transcripts: what connections received and sent, bounded, for failure reports.
+
+TRANSCRIPT_BYTES = 2048
+"""At most this many bytes each way per connection in a transcript (the first ones)."""
+TRANSCRIPT_CONNECTIONS = 20
+"""At most this many connections in a transcript (the last ones)."""
+
+
+def _bounded(data: bytes, limit: int) -> str:
+    if len(data) <= limit:
+        return repr(data)
+    return f"{data[:limit]!r} ... and {len(data) - limit} more bytes"
+
+
+def _transcript(
+    records: list[ConnectionRecord],
+    *,
+    max_bytes: int = TRANSCRIPT_BYTES,
+    max_connections: int = TRANSCRIPT_CONNECTIONS,
+) -> str:
+    """Per connection: peer, how it ended, bytes received and sent, each bounded."""
+    if not records:
+        return "no connections"
+    lines = []
+    if len(records) > max_connections:
+        lines.append(f"({len(records) - max_connections} earlier connections left out)")
+        records = records[-max_connections:]
+    for record in records:
+        host, port = record.peer
+        ended = "open" if record.ended is None else record.ended.value
+        lines.append(f"connection #{record.index} from {host}:{port}, {ended}:")
+        lines.append(
+            f"  received {len(record.received)} bytes: {_bounded(record.received, max_bytes)}"
+        )
+        lines.append(f"  sent {len(record.sent)} bytes: {_bounded(record.sent, max_bytes)}")
+        if record.error is not None:
+            lines.append(f"  handler error: {record.error!r}")
+    return "\n".join(lines)

@@ -25,6 +25,16 @@ class TestServer(TestServerBase):
     starts, on an ephemeral port of `host` (an IP address, 127.0.0.1 by default):
     `server.port` and `server.address` say where.
 
+    With `handler` None (or `expectations=True`, or once `expect()` was called)
+    new connections are answered by the expectations instead: what each receives
+    is split into messages by `delimiter` (b"\\n" by default; None: each chunk as it
+    arrives), each message is offered to the expectations (see `expect`), and one
+    that none takes is recorded and answered by `unexpected`: nothing (None, the
+    default), fixed bytes, or "close". At EOF the last fragment without a
+    delimiter is a message too, then the server closes. `check()` raises
+    AssertionError on unexpected messages, unmet one-shot or ordered
+    expectations, and handler errors. `delimiter` also splits `messages`.
+
     Options are those of `aioserver.Server`, with these differences: `faults` (a
     `Faults`, shared and switchable at run time; `server.faults`); a
     `shutdown_timeout` of TEST_SHUTDOWN_TIMEOUT; at `max_connections` a client is

@@ -37,7 +37,11 @@ class ThreadedTestServer(TestServerBase):
     _kind: ClassVar[str] = "ThreadedTestServer"
 
     def __init__(
-        self, handler: Handler = echo, *, loop: str = "auto", **options: Unpack[ServerOptions]
+        self,
+        handler: Handler | None = echo,
+        *,
+        loop: str = "auto",
+        **options: Unpack[ServerOptions],
     ) -> None:
         self._factory = loop_factory(loop)
         super().__init__(handler, **options)
