@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .logs import LOG_FORMATS, LogConfigError, flush_logging, setup_logging, stop_logging
 from .loops import LOOP_NAMES, resolve_loop
+from .metrics import MetricsExporter, MetricsUnavailableError, parse_metrics_address
 from .protocols import DEFAULT_MAX_MESSAGE_SIZE, Handler, echo, thanks
 from .proxy import DEFAULT_PROXY_ALLOW, parse_networks
 from .runner import run
@@ -80,12 +81,17 @@ class StartupError(Exception):
     """A reason the server cannot start, said in one line."""
 
 
-def load_handler(spec: str) -> Handler:
+def load_handler(spec: str, *, fresh: bool = False) -> Handler:
     """The handler `spec` names: `echo`, `thanks`, or `MODULE:CALLABLE`.
 
     CALLABLE may be dotted (`module:Class.method`) and must be a coroutine
     function. Anything else raises StartupError with a one-line reason, also
     when importing the module fails.
+
+    With `fresh` (a reload's worker), MODULE's top-level package and its
+    modules are imported anew from their source, whatever was imported or
+    cached before (a .pyc is not trusted: a file rewritten within the same
+    second at the same size would look unchanged to it).
     """
     if spec in BUILTIN_PROTOCOLS:
         return BUILTIN_PROTOCOLS[spec]
@@ -93,7 +99,7 @@ def load_handler(spec: str) -> Handler:
     if not sep or not module_name or not attribute:
         raise StartupError(f"unknown protocol {spec!r}: use echo, thanks or MODULE:CALLABLE")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_fresh(module_name) if fresh else importlib.import_module(module_name)
     except ImportError as error:
         raise StartupError(f"cannot import {module_name!r}: {error}") from None
     except Exception as error:
@@ -112,6 +118,23 @@ def load_handler(spec: str) -> Handler:
         )
     handler: Handler = target
     return handler
+
+
+def _import_fresh(module_name: str) -> Any:
+    """Import `module_name` anew, with its top-level package (aioserver's own
+    modules excepted), compiling from source without reading or writing .pyc."""
+    top = module_name.split(".")[0]
+    if top != __name__.split(".")[0]:
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+    importlib.invalidate_caches()
+    saved = sys.pycache_prefix, sys.dont_write_bytecode
+    # No cache can live under a file: every module is compiled from its source.
+    sys.pycache_prefix, sys.dont_write_bytecode = os.devnull, True
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.pycache_prefix, sys.dont_write_bytecode = saved
 
 
 # Parsers for option values: each says in its error what it expected.
@@ -165,6 +188,13 @@ def _flag(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -353,6 +383,15 @@ OPTIONS = (
         default=True,
         switch=True,
     ),
+    _Option(
+        "metrics",
+        "serve Prometheus metrics over HTTP at http://HOST:PORT/metrics, from a listener"
+        " of their own (:PORT or PORT: on 127.0.0.1; port 0 picks a free one, logged);"
+        " with --workers, summed over the workers. Needs prometheus_client"
+        " (the metrics extra)",
+        parse=_metrics_address,
+        metavar="HOST:PORT",
+    ),
 )
 
 
@@ -474,6 +513,14 @@ def _tls_context(
     return context
 
 
+def _reloader(spec: str) -> Callable[[], Handler] | None:
+    """What a reload's worker calls to load the handler anew (the built-in
+    protocols need no import: None)."""
+    if spec in BUILTIN_PROTOCOLS:
+        return None
+    return lambda: load_handler(spec, fresh=True)
+
+
 def _print_listening(server: Server) -> None:
     try:
         for address in server.addresses:
@@ -562,6 +609,16 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         logger.info(
             "aioserver %s: protocol %s on the %s loop", __version__, args.protocol, loop_name
         )
+        exporter = None
+        if args.metrics is not None:
+            exporter = MetricsExporter(*args.metrics, workers=args.workers)
+            try:
+                exporter.start()
+            except MetricsUnavailableError as error:
+                return _fail(str(error))
+            except OSError as error:
+                why = BIND_REASONS.get(error.errno or 0) or error.strerror or str(error)
+                return _fail(f"cannot serve metrics on {exporter.address}: {why}")
         try:
             status = run(
                 handler,
@@ -587,9 +644,14 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
                 fds=fds,
                 inherit=True,
                 notify=True,
+                metrics=exporter,
+                reload_handler=_reloader(args.protocol),
             )
         except OSError as error:
             return _fail(_bind_error(error, args))
+        finally:
+            if exporter is not None:
+                exporter.close()
     except KeyboardInterrupt:
         # Ctrl-C before the signal handlers were in place (or after they left).
         return EXIT_INTERRUPTED

@@ -65,6 +65,10 @@ TLS_READ_BUFFER_HIGH = 64 * 1024
 # client that takes no replies makes the server hold at most WRITE_BUFFER_HIGH
 # plus one slice's replies (28 x 4 KiB for empty thanks lines), plus the read.
 FEED_SLICE = 4 * 1024
+# At a stop, a client accepted less than this long ago that has sent nothing
+# yet is served until this long after its accept: it connected just as the
+# server stopped (an old worker at a reload), and its request is on its way.
+FRESH_GRACE = 0.25
 # SO_LINGER on, with a zero timeout: close() sends an RST and drops what is queued.
 _RESET_ON_CLOSE = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
 
@@ -153,6 +157,7 @@ class Connection(asyncio.Protocol):
         "rule",
         "server",
         "started",
+        "stop_at",
         "taken",
         "task",
         "timer",
@@ -192,6 +197,8 @@ class Connection(asyncio.Protocol):
         # The one timer, and the absolute deadline it serves (inf: none).
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = float("inf")
+        # At a stop, when to stop serving a client accepted just before it.
+        self.stop_at = float("inf")
         # Counting. `bytes_out` is what was written; `taken` is how much of it
         # the client was last seen to have taken, for the idle sweep.
         self.bytes_in = self.bytes_out = self.taken = 0
@@ -342,6 +349,8 @@ class Connection(asyncio.Protocol):
         else:
             why = f"TLS handshake failed: {describe_error(error)}"
             _drop_traceback(error)
+        if not self.reason and self.server.metrics is not None:
+            self.server.metrics.tls_failed()  # the handshake's own failure, not a stop's
         self.reason = self.reason or why
         # The TLS layer has closed the transport, and will not tell us again.
         self._finish()
@@ -393,14 +402,21 @@ class Connection(asyncio.Protocol):
             return
         if self.phase is _CLOSED:
             return
-        self._arm(self.loop.time() + self.server.shutdown_timeout)
-        if self.phase is _SERVING:
-            self.reason = self.reason or "server stopped"
-            if self.rule is None and self.task is not None and not self.task.done():
-                self.handler_cancelled = True
-                self.task.cancel()
-            else:
-                self.end(Ending.LINGER, "server stopped")
+        now = self.loop.time()
+        if self.phase is _SERVING and not self.bytes_in and now < self.started + FRESH_GRACE:
+            # Accepted just as the server stopped: its first request is on its way.
+            self.stop_at = self.started + FRESH_GRACE
+        self._arm(now + self.server.shutdown_timeout)
+        if self.phase is _SERVING and self.stop_at == float("inf"):
+            self._stop_serving()
+
+    def _stop_serving(self) -> None:
+        self.reason = self.reason or "server stopped"
+        if self.rule is None and self.task is not None and not self.task.done():
+            self.handler_cancelled = True
+            self.task.cancel()
+        else:
+            self.end(Ending.LINGER, "server stopped")
 
     def idle_check(self, idle_for: float) -> None:
         """Called by the sweep after `idle_for` seconds without a sign of life
@@ -450,12 +466,14 @@ class Connection(asyncio.Protocol):
         # could destroy no reply, so there is nothing to wait for. At a stop
         # this is almost every client. A client that never sent needs no wait
         # either, nor can TLS half-close.
+        unread = _socket_queue(self.raw, "FIONREAD")
         settled = (
             not transport.get_write_buffer_size()
             and _socket_queue(self.raw, "TIOCOUTQ") == 0
-            and _socket_queue(self.raw, "FIONREAD") == 0
+            and unread == 0
         )
-        if (not always and (settled or not self.bytes_in)) or not transport.can_write_eof():
+        never_sent = not self.bytes_in and not unread
+        if (not always and (settled or never_sent)) or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
@@ -485,20 +503,25 @@ class Connection(asyncio.Protocol):
                 why = "replies not taken by the deadline"
             self.end(Ending.RESET, why)
             return
-        if self.phase is _LINGERING:
+        if now >= self.stop_at:
+            self.stop_at = float("inf")
+            if self.phase is _SERVING:
+                self._stop_serving()
+        elif self.phase is _LINGERING:
             # Silent for a whole LINGER_TIMEOUT, with every byte sent acknowledged.
             if not self.quiet and not self.pending():
                 self.transport.close()
                 return
             self.quiet = 0
-        self._arm(self.deadline)
+        if self.timer is None and self.phase is not _CLOSED:
+            self._arm(self.deadline)
 
     def _arm(self, deadline: float) -> None:
         """Set the deadline (only ever sooner) and the timer serving it."""
         self.deadline = min(self.deadline, deadline)
         if self.timer is not None:
             self.timer.cancel()
-        when = self.deadline
+        when = min(self.deadline, self.stop_at)
         if self.phase is _LINGERING:
             when = min(when, self.loop.time() + LINGER_TIMEOUT)
         self.timer = self.loop.call_at(when, self._tick)

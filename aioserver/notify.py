@@ -4,7 +4,8 @@ With `Type=notify`, systemd sets NOTIFY_SOCKET to the address of a datagram
 socket (a path, or "@name" in Linux's abstract namespace) and waits for the
 service to send `READY=1` there before it counts the service as started (and
 starts the units ordered after it). `STATUS=...` is shown by `systemctl status`;
-`STOPPING=1` says a stop has begun.
+`STOPPING=1` says a stop has begun. `RELOADING=1` (with MONOTONIC_USEC=, as
+Type=notify-reload requires) says a reload has begun; `READY=1` again ends it.
 
 A `Notifier` sends these from a non-blocking datagram socket of its own and
 never raises into the server: a message that cannot be sent (no one listening,
@@ -17,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import MutableMapping
 
 __all__ = ["NOTIFY_VARIABLE", "Notifier"]
@@ -78,6 +80,13 @@ class Notifier:
         if not self.ready_sent:
             self.ready_sent = True
             self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self, status: str) -> None:
+        """RELOADING=1 with the time and a status line; the next `ready` sends
+        READY=1 again, which ends the reload."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={status}")
+        self.ready_sent = False
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")

@@ -90,7 +90,7 @@ class AcceptGuard:
         if message == ACCEPT_OUT_OF_RESOURCES and fd in {s.fileno() for s in self.server.sockets}:
             self.retry_due = loop.time() + 1.0
             count = self.turn_away_waiting(fd)
-            self.server.count_turned_away(count, f"cannot accept: {error}")
+            self.server.count_turned_away(count, f"cannot accept: {error}", kind="out_of_fds")
             return
         if self.server.stopping and isinstance(error, ValueError) and "_start_serving" in message:
             return

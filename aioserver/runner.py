@@ -26,16 +26,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .loops import loop_factory
+from .metrics import MetricsExporter
 from .notify import Notifier
 from .protocols import Handler
 from .server import Server
 from .sockets import bind_sockets, inherited_sockets, sockets_from_fds
 from .workers import (
     QUICK_STOP_SIGNAL,
+    RELOAD_SIGNAL,
+    SERVER_INBOX_SIGNALS,
     SERVER_SIGNALS,
     STOP_SIGNALS,
     SUPERVISOR_SIGNALS,
     SignalInbox,
+    WorkerStartError,
     supervise,
 )
 
@@ -56,6 +60,7 @@ def run(
     fds: Sequence[int] = (),
     inherit: bool = False,
     notify: bool = False,
+    reload_handler: Callable[[], Handler] | None = None,
     **options: Any,
 ) -> int:
     """Serve `handler` on a new event loop until stopped; return the exit status.
@@ -83,7 +88,12 @@ def run(
     forked worker processes serving them (see `aioserver.workers.supervise`):
     SIGINT or SIGTERM stops every worker gracefully, a second one (or SIGQUIT)
     at once. It returns 0 once they have all stopped cleanly, 1 if any worker
-    failed or was killed during the stop.
+    failed or was killed during the stop. SIGHUP reloads: as many fresh workers
+    start, each serving `reload_handler()` (called in the worker, after the
+    fork: it imports the handler anew; without it, `handler`), and once they
+    all accept the old ones stop gracefully; if a fresh worker cannot start
+    (`reload_handler` raised), the old ones serve on. With one process SIGHUP
+    is logged and ignored: reloading needs workers.
 
     Sockets bound already: with `inherit`, those a service manager passed by
     socket activation (LISTEN_FDS and LISTEN_PID naming this process; the
@@ -95,7 +105,13 @@ def run(
     With `notify` and NOTIFY_SOCKET set (the variable is then unset), the
     service manager is told READY=1 with a STATUS= line once the server
     accepts (with workers: once every worker accepts), and STOPPING=1 as a stop
-    begins; see aioserver/notify.py.
+    begins; with workers, RELOADING=1 as a reload begins and READY=1 again
+    once it ended; see aioserver/notify.py.
+
+    The `metrics` option may be an `aioserver.metrics.MetricsExporter`
+    started already (as `--metrics` makes): the serving process, or each
+    worker once forked, updates its `recorder()`, and the supervisor tells it
+    of each worker that exits.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -107,7 +123,7 @@ def run(
         options["sockets"] = handed
     notifier = Notifier.from_environ() if notify else None
     try:
-        return _run(handler, loop, on_start, workers, options, notifier)
+        return _run(handler, loop, on_start, workers, options, notifier, reload_handler)
     finally:
         if notifier is not None:
             notifier.stopping()
@@ -141,6 +157,7 @@ def _run(
     workers: int,
     options: dict[str, Any],
     notifier: Notifier | None,
+    reload_handler: Callable[[], Handler] | None = None,
 ) -> int:
     if notifier is not None:
         on_start = _notifying(on_start, notifier, workers)
@@ -149,7 +166,7 @@ def _run(
             raise RuntimeError("worker processes are supervised from the main thread only")
         _serve(handler, loop, on_start, options, None, worker=False, notifier=notifier)
         return 0
-    inbox = SignalInbox(SERVER_SIGNALS if workers == 1 else SUPERVISOR_SIGNALS)
+    inbox = SignalInbox(SERVER_INBOX_SIGNALS if workers == 1 else SUPERVISOR_SIGNALS)
     inbox.install()
     try:
         if workers == 1:
@@ -158,7 +175,9 @@ def _run(
             )
             status = 0
         else:
-            served, status = _supervise(handler, loop, on_start, workers, options, inbox, notifier)
+            served, status = _supervise(
+                handler, loop, on_start, workers, options, inbox, notifier, reload_handler
+            )
     finally:
         inbox.close(keep_ignoring=inbox.stop_received())
     if not served and signal.SIGINT in inbox.received:
@@ -197,12 +216,21 @@ def _serve(
     """Serve in this process until stopped; whether the server was announced.
     The loop is closed on return, the inbox still installed."""
     factory = loop_factory(loop)
-    server = Server(handler, **options)
+    server = Server(handler, **_with_recorder(options))
     on_stop = notifier.stopping if notifier is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(
             _serve_until_stopped(server, on_start, inbox, _StopPolicy(worker, on_stop))
         )
+
+
+def _with_recorder(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a MetricsExporter under "metrics" replaced by the
+    ServerMetrics this process updates (in a worker: made once forked)."""
+    exporter = options.get("metrics")
+    if isinstance(exporter, MetricsExporter):
+        return {**options, "metrics": exporter.recorder()}
+    return options
 
 
 def _supervise(
@@ -213,15 +241,19 @@ def _supervise(
     options: dict[str, Any],
     inbox: SignalInbox,
     notifier: Notifier | None = None,
+    reload_handler: Callable[[], Handler] | None = None,
 ) -> tuple[bool, int]:
     """Bind (or take the sockets handed over), announce and supervise the
     workers: (announced, exit status)."""
     loop_factory(loop)  # an unknown or missing loop fails here, once
     bind = {name: options.pop(name) for name in BIND_OPTIONS if name in options}
     handed: list[socket.socket] = options.pop("sockets", [])
+    exporter = options.get("metrics")
+    if not isinstance(exporter, MetricsExporter):  # a plain ServerMetrics is one process's
+        exporter = None
     sockets = list(handed) or bind_sockets(**bind)
     try:
-        described = Server(handler, sockets=sockets, **options)
+        described = Server(handler, sockets=sockets, **{**options, "metrics": None})
         if inbox.stop_received():  # while binding: nothing announced, nothing forked
             logger.info("Stopped")
             return False, 0
@@ -235,6 +267,19 @@ def _supervise(
             _serve(handler, loop, lambda _: ready(), worker_options, worker_inbox, worker=True)
             return 0
 
+        def serve_reloaded(
+            inherited: list[Any], worker_inbox: SignalInbox, ready: Callable[[], None]
+        ) -> int:
+            fresh = handler
+            if reload_handler is not None and not worker_inbox.stop_received():
+                try:
+                    fresh = reload_handler()
+                except Exception as error:
+                    raise WorkerStartError(str(error)) from None
+            worker_options = {**options, "sockets": inherited}
+            _serve(fresh, loop, lambda _: ready(), worker_options, worker_inbox, worker=True)
+            return 0
+
         serving = f"serving on {', '.join(described.addresses)}, {workers} workers"
 
         def all_ready() -> None:
@@ -245,8 +290,26 @@ def _supervise(
             if notifier is not None:
                 notifier.stopping()
 
+        def reloading() -> None:
+            if notifier is not None:
+                notifier.reloading(f"reloading: starting {workers} new workers")
+
+        def reloaded(failure: str | None) -> None:
+            if notifier is not None:
+                failed = f"; reload failed: {failure}" if failure is not None else ""
+                notifier.ready(serving + failed)
+
         status = supervise(
-            workers, sockets, serve_worker, signals=inbox, on_ready=all_ready, on_stopping=stopping
+            workers,
+            sockets,
+            serve_worker,
+            signals=inbox,
+            on_ready=all_ready,
+            on_stopping=stopping,
+            reload_worker=serve_reloaded,
+            on_reloading=reloading,
+            on_reloaded=reloaded,
+            on_worker_exit=exporter.worker_exited if exporter is not None else None,
         )
         return True, status
     finally:
@@ -278,6 +341,13 @@ class _StopPolicy:
 
     def _note(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if signum == RELOAD_SIGNAL:
+            # The default action would end the process: serve on instead.
+            if self.worker:
+                logger.info("%s received: ignored (the supervisor reloads)", name)
+            else:
+                logger.warning("%s received: ignored (reloading needs --workers)", name)
+            return
         if signum in SERVER_SIGNALS and not self.stop and self.on_stop is not None:
             self.on_stop()
         if signum == QUICK_STOP_SIGNAL:

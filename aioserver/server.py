@@ -30,6 +30,7 @@ from .connection import (
     tls_protocol_for,
 )
 from .logs import LogSite
+from .metrics import ServerMetrics
 from .overload import AcceptGuard, TurnedAway, free_fds
 from .protocols import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -197,6 +198,9 @@ class Server:
       `aioserver.logs.LogSite`). The call is made on the event loop: with the
       handlers behind the queue of `aioserver.logs.setup_logging`, as the
       command has them, it never waits on a slow sink.
+    - metrics: an `aioserver.metrics.ServerMetrics` to update (connections
+      accepted, open, turned away and closed by reason, bytes, durations, TLS
+      handshake failures), as `--metrics` serves them; default None: none.
 
     Stopping is cancellation: cancelling `serve_forever()`, leaving `serve()`
     and calling `stop()` all take the same path (see `stop`).
@@ -223,6 +227,7 @@ class Server:
         max_connections_per_client: int | None = None,
         sockets: Sequence[socket.socket] = (),
         access_log: bool = True,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"handler must be a coroutine function, not {handler!r}")
@@ -275,6 +280,7 @@ class Server:
         self._client_certs: dict[Connection, str] = {}
         self.listen_sockets = list(sockets)
         self.access_log = access_log
+        self.metrics = metrics
         # What every connection reads (see aioserver/connection.py).
         self.handshake_timeout = min(HANDSHAKE_TIMEOUT, idle_timeout or math.inf)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -448,12 +454,13 @@ class Server:
         for connection in [*self._connections, *self._turning_away]:
             connection.shutdown()
         try:
-            if self._connections or self._turning_away:
-                await self._all_ended.wait()
+            await self._wait_for_connections()
             if handlers:
                 await self._wait_for_handlers(handlers, began)
-            # uvloop closes listening handles one loop iteration after close().
+            # uvloop closes listening handles one loop iteration after close(),
+            # and a client accepted just before is served (see _accept).
             await asyncio.sleep(0)
+            await self._wait_for_connections()
         except asyncio.CancelledError:
             for connection in [*self._connections, *self._turning_away]:
                 connection.end(Ending.RESET, "stop cancelled")
@@ -469,6 +476,11 @@ class Server:
             self._servers.clear()
             self._stopped.set()
             logger.info("Stopped")
+
+    async def _wait_for_connections(self) -> None:
+        while self._connections or self._turning_away:
+            self._all_ended.clear()
+            await self._all_ended.wait()
 
     async def _wait_for_handlers(
         self, handlers: dict[asyncio.Task[None], Connection], began: float
@@ -521,7 +533,7 @@ class Server:
         # arrives, so the connection sees every byte from the first.
         # uvloop's transports have the Transport methods without subclassing it.
         transport = cast(asyncio.Transport, writer.transport)
-        if self.stopping:
+        if self._stopped.is_set():
             transport.abort()
             return None
         if len(self._connections) >= self.max_connections:
@@ -538,7 +550,13 @@ class Server:
                 return None
         self._connections.add(connection)
         self._total += 1
+        if self.metrics is not None:
+            self.metrics.accepted()
         connection.begin()
+        if self.stopping:
+            # Accepted by the loop just before the listener closed: served for
+            # FRESH_GRACE, as any client that connected just as the stop began.
+            connection.shutdown()
         if len(self._connections) == self._fd_room:
             # The next client finds no descriptor: the loop closes it unseen
             # (uvloop) or the accept guard turns it away (asyncio).
@@ -555,6 +573,13 @@ class Server:
             self._connections.discard(connection)
             self._closed_in += connection.bytes_in
             self._closed_out += connection.bytes_out
+            if self.metrics is not None:
+                self.metrics.closed(
+                    connection.reason,
+                    self.loop.time() - connection.started,
+                    connection.bytes_in,
+                    connection.bytes_out,
+                )
             if self._client_of:
                 self._uncount(connection)
             if self._access_log is not None:
@@ -573,10 +598,24 @@ class Server:
         if self.stopping and not self._connections and not self._turning_away:
             self._all_ended.set()
 
-    def count_turned_away(self, count: int, reason: str, burst: TurnedAway | None = None) -> None:
+    def count_turned_away(
+        self,
+        count: int,
+        reason: str,
+        burst: TurnedAway | None = None,
+        kind: str = "max_connections",
+    ) -> None:
         """Count clients turned away, in the burst's log lines too (by default
-        the burst of clients over max_connections or out of descriptors)."""
+        the burst of clients over max_connections or out of descriptors).
+        `kind` is the metrics' label when no burst is given: max_connections or
+        out_of_fds (see aioserver.metrics.TURNED_AWAY_REASONS)."""
         self._rejected += count
+        if self.metrics is not None:
+            if burst is self._denied:
+                kind = "denied"
+            elif burst is self._over_client_limit:
+                kind = "per_client"
+            self.metrics.turned_away(kind, count)
         (burst or self._turned_away).add(self.loop, count, reason)
 
     def _busy_line(self, tell: bool) -> bytes:
@@ -611,6 +650,8 @@ class Server:
         # Registered at accept: now one turned away instead.
         self._connections.discard(connection)
         self._total -= 1
+        if self.metrics is not None:
+            self.metrics.unaccepted()
         self.count_turned_away(1, reason, burst)
         busy = self._busy_line(tell)
         if busy:

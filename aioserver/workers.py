@@ -27,6 +27,13 @@ The supervisor is one state machine, run by `supervise`:
 - It returns once no worker is left: 0 if every worker exited 0 after the stop
   began, 1 if any failed or was killed then.
 
+Reloading is part of running. SIGHUP (once every worker has reported ready)
+forks as many fresh workers, running `reload_worker` (which imports the handler
+anew); once they all report ready, the old ones get SIGTERM and stop gracefully
+while the sockets, held here throughout, stay open. A fresh worker that exits
+before that abandons the reload (one error line; the old workers serve on). A
+stop signal during a reload reaches every worker, old and fresh.
+
 Each worker reports through a pipe once it accepts (its `ready` callback writes
 its pid); once every worker running reports, the supervisor calls `on_ready`
 (the readiness a service manager waits for), and `on_stopping` as a stop begins.
@@ -60,10 +67,12 @@ from typing import Any, NoReturn
 
 __all__ = [
     "QUICK_STOP_SIGNAL",
+    "RELOAD_SIGNAL",
     "STOP_SIGNALS",
     "SUPERVISOR_SIGNALS",
     "SignalInbox",
     "WorkerMain",
+    "WorkerStartError",
     "supervise",
 ]
 
@@ -74,10 +83,16 @@ logger = logging.getLogger("aioserver")
 # sends its workers when it is told to stop a second time.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 QUICK_STOP_SIGNAL = signal.SIGQUIT
-# What a server process (alone or as a worker) handles.
+# What stops a server process (alone or as a worker).
 SERVER_SIGNALS = (*STOP_SIGNALS, QUICK_STOP_SIGNAL)
+# SIGHUP makes the supervisor reload (fresh workers, then the old ones stop);
+# a server alone, or a worker, logs it and serves on (not SIGHUP's default
+# action, which would end it).
+RELOAD_SIGNAL = signal.SIGHUP
+# What a server process's inbox takes: the stop signals and SIGHUP.
+SERVER_INBOX_SIGNALS = (*SERVER_SIGNALS, RELOAD_SIGNAL)
 # The supervisor handles SIGCHLD too: it wakes its loop to reap.
-SUPERVISOR_SIGNALS = (*SERVER_SIGNALS, signal.SIGCHLD)
+SUPERVISOR_SIGNALS = (*SERVER_SIGNALS, RELOAD_SIGNAL, signal.SIGCHLD)
 
 # A worker that dies sooner than this after its start is restarted only after
 # this long, so a worker that cannot start does not spin the supervisor.
@@ -85,14 +100,23 @@ RESTART_BACKOFF = 1.0
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
 
-# A worker's ready report: its pid, written to the supervisor's pipe in one
-# write (atomic, being far under PIPE_BUF).
-READY_REPORT = struct.Struct("=I")
+# A worker's report: its pid and the length of a message that follows, 0 for
+# "ready" (it accepts), else why it cannot start (UTF-8, at most
+# MAX_REPORT_MESSAGE bytes); written to the supervisor's pipe in one write
+# (atomic, being under PIPE_BUF).
+REPORT = struct.Struct("=IH")
+MAX_REPORT_MESSAGE = 2048
 
 # What a forked worker runs: serve the inherited sockets, taking stop signals
 # from the inbox given, and calling the ready callback given once it accepts;
 # its return value (an int, or None for 0) is its exit status.
 WorkerMain = Callable[[list[socket.socket], "SignalInbox", Callable[[], None]], object]
+
+
+class WorkerStartError(Exception):
+    """Raised by a worker function, before it reports ready, for a reason said
+    in one line (such as a handler module that does not import): the worker
+    exits 1 and the supervisor logs the reason once, without a traceback."""
 
 
 class SignalInbox:
@@ -209,6 +233,10 @@ def supervise(
     signals: SignalInbox | None = None,
     on_ready: Callable[[], object] | None = None,
     on_stopping: Callable[[], object] | None = None,
+    reload_worker: WorkerMain | None = None,
+    on_reloading: Callable[[], object] | None = None,
+    on_reloaded: Callable[[str | None], object] | None = None,
+    on_worker_exit: Callable[[int], object] | None = None,
 ) -> int:
     """Run `workers` forked processes, each calling `serve_worker(sockets,
     inbox, ready)`, where `ready()` reports that the worker accepts.
@@ -225,7 +253,19 @@ def supervise(
 
     `on_ready()` is called (in the supervisor) once, when all `workers` workers
     have reported ready at the same time; `on_stopping()` once, as a stop begins.
-    Neither should raise or block.
+    Neither should raise or block. `on_worker_exit(pid)` is called for each
+    worker reaped (as the metrics mark it dead); it should not block either.
+
+    SIGHUP reloads (once every worker has reported ready; one that comes
+    during a reload starts another after it): `on_reloading()`, then
+    `workers` fresh workers are forked, running `reload_worker` (default
+    `serve_worker`), which every worker started later runs too; once they all
+    report ready, the old ones get SIGTERM and stop gracefully, and
+    `on_reloaded(None)` is called. A fresh worker that exits first (one that
+    raises WorkerStartError says why) abandons the reload: the other fresh
+    workers get SIGTERM, the old ones serve on, one error line is logged and
+    `on_reloaded(reason)` is called. A stop signal during a reload stops every
+    worker, old and fresh.
 
     Returns the exit status: 0 if every worker exited 0 after the stop began,
     1 if any of them failed or was killed then.
@@ -239,6 +279,9 @@ def supervise(
     try:
         supervisor = _Supervisor(workers, sockets, serve_worker, inbox)
         supervisor.on_ready, supervisor.on_stopping = on_ready, on_stopping
+        supervisor.reload_worker = reload_worker or serve_worker
+        supervisor.on_reloading, supervisor.on_reloaded = on_reloading, on_reloaded
+        supervisor.on_worker_exit = on_worker_exit
         return supervisor.run()
     finally:
         if own:
@@ -264,10 +307,28 @@ class _Supervisor:
         # When each worker still to start is due (monotonic), soonest first.
         self.due: list[float] = [time.monotonic()] * workers
         self.failed = False
+        # What a worker started now runs: serve_worker, reload_worker after a reload.
+        self.main: WorkerMain = serve_worker
+        self.reload_worker: WorkerMain = serve_worker
+        self.on_reloading: Callable[[], object] | None = None
+        self.on_reloaded: Callable[[str | None], object] | None = None
+        # A reload asked for (SIGHUP) and not begun; one under way: its fresh
+        # workers started, and how many are still to start.
+        self.reload_asked = False
+        self.reloading = False
+        self.fresh: set[int] = set()
+        self.fresh_due = 0
+        # Workers told to stop by a reload: the old ones once it succeeded
+        # (retired), the fresh ones of a reload abandoned. Neither is replaced.
+        self.retired: set[int] = set()
+        self.abandoned: set[int] = set()
+        # Why a worker could not start, as it reported (WorkerStartError).
+        self.start_errors: dict[int, str] = {}
         self.prctl = _load_prctl()
         self.workers = workers
         self.on_ready: Callable[[], object] | None = None
         self.on_stopping: Callable[[], object] | None = None
+        self.on_worker_exit: Callable[[int], object] | None = None
         # Workers running that have reported ready, and the report pipe.
         self.ready: set[int] = set()
         self.announced = False
@@ -291,6 +352,7 @@ class _Supervisor:
                     self._wait(None)
                     continue
                 self._start_due()
+                self._advance_reload()
                 # A signal that stopped _start_due left a byte in the pipe: no wait.
                 self._wait(max(self.due[0] - time.monotonic(), 0.0) if self.due else None)
         finally:
@@ -306,29 +368,101 @@ class _Supervisor:
         or `timeout` passes."""
         select.select([self.inbox.fileno(), self._ready_read], [], [], timeout)
 
-    def _take_ready(self) -> None:
-        """Read the workers' ready reports; call on_ready once all are ready.
-        A report from a worker reaped already is ignored (it died after it)."""
+    def _read_reports(self) -> None:
+        """Read the workers' reports: ready, or why one cannot start. A report
+        from a worker reaped already is ignored (it died after it)."""
         with contextlib.suppress(OSError):
             while chunk := os.read(self._ready_read, 4096):
                 self._reports += chunk
-        size = READY_REPORT.size
+        size = REPORT.size
         while len(self._reports) >= size:
-            (pid,) = READY_REPORT.unpack(self._reports[:size])
-            self._reports = self._reports[size:]
-            if pid in self.children:
+            pid, length = REPORT.unpack(self._reports[:size])
+            if len(self._reports) < size + length:
+                return  # the rest of a report (never split: one write) comes
+            message = self._reports[size : size + length].decode(errors="replace")
+            self._reports = self._reports[size + length :]
+            if pid not in self.children:
+                continue
+            if length:
+                self.start_errors[pid] = message
+            else:
                 self.ready.add(pid)
+
+    def _take_ready(self) -> None:
+        """Read the workers' reports; call on_ready once all are ready."""
+        self._read_reports()
         if not self.announced and self.state == self.RUNNING and len(self.ready) >= self.workers:
             self.announced = True
             if self.on_ready is not None:
                 self.on_ready()
 
-    def _report_ready(self) -> None:
-        """In a worker: tell the supervisor this worker accepts."""
+    def _report_ready(self, why_not: str = "") -> None:
+        """In a worker: tell the supervisor this worker accepts (or why it cannot start)."""
+        message = why_not.encode(errors="replace")[:MAX_REPORT_MESSAGE]
         with contextlib.suppress(OSError):
-            os.write(self._ready_write, READY_REPORT.pack(os.getpid()))
+            os.write(self._ready_write, REPORT.pack(os.getpid(), len(message)) + message)
+
+    def _advance_reload(self) -> None:
+        """Begin a reload asked for, start its fresh workers, end it once they
+        all accept (the old ones then stop gracefully)."""
+        if self.reload_asked and self.announced and not self.reloading:
+            self.reload_asked = False
+            self.reloading = True
+            self.fresh_due = self.workers
+            logger.info("Reloading: starting %d new workers", self.workers)
+            if self.on_reloading is not None:
+                self.on_reloading()
+        if not self.reloading:
+            return
+        while self.fresh_due and self.state == self.RUNNING:
+            pid = self._fork(self.reload_worker)
+            if pid is None:
+                return  # a signal came: the loop takes it first
+            self.fresh.add(pid)
+            self.fresh_due -= 1
+        if self.fresh_due or not self.fresh <= self.ready:
+            return
+        old = set(self.children) - self.fresh - self.retired - self.abandoned
+        self.retired |= old
+        self.reloading = False
+        self.fresh.clear()
+        self.main = self.reload_worker
+        self.due.clear()  # the fresh workers replace any still to restart
+        logger.info(
+            "Reloaded: %d new workers accept; stopping the old ones (%s)",
+            self.workers,
+            ", ".join(str(pid) for pid in sorted(old)) or "none left",
+        )
+        for pid in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if self.on_reloaded is not None:
+            self.on_reloaded(None)
+
+    def _abandon_reload(self, reason: str) -> None:
+        """A fresh worker exited before the reload ended: stop the other fresh
+        ones, keep the old ones serving."""
+        logger.error("Reload failed: %s; the old workers serve on", reason)
+        for pid in self.fresh:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self.abandoned |= self.fresh
+        self.fresh.clear()
+        self.fresh_due = 0
+        self.reloading = False
+        if self.on_reloaded is not None:
+            self.on_reloaded(reason)
 
     def _on_signal(self, signum: int) -> None:
+        if signum == RELOAD_SIGNAL:
+            if self.state != self.RUNNING:
+                logger.info("SIGHUP received while stopping: ignored")
+            elif self.reloading:
+                logger.info("SIGHUP received during a reload: another one follows it")
+                self.reload_asked = True
+            else:
+                self.reload_asked = True
+            return
         if signum not in SERVER_SIGNALS:
             return  # SIGCHLD: the next _reap does it
         name = signal.Signals(signum).name
@@ -366,29 +500,50 @@ class _Supervisor:
                 return
             if pid == 0:
                 return
+            self._read_reports()  # why it could not start, if it said: before the pop
             started = self.children.pop(pid, None)
             self.ready.discard(pid)
             if started is None:
                 continue
+            if self.on_worker_exit is not None:
+                self.on_worker_exit(pid)
+            start_error = self.start_errors.pop(pid, None)
             code = os.waitstatus_to_exitcode(status)
+            why = _describe_exit(code)
             if self.state != self.RUNNING:
                 if code != 0:
                     self.failed = True
-                    why = _describe_exit(code)
                     logger.warning("Worker %d exited (%s) while stopping", pid, why)
                 continue
+            if pid in self.abandoned:
+                self.abandoned.discard(pid)
+                continue
+            if pid in self.retired:
+                self.retired.discard(pid)
+                if code != 0:
+                    logger.warning("Worker %d exited (%s) while stopping after a reload", pid, why)
+                continue
+            if pid in self.fresh:
+                self.fresh.discard(pid)
+                self._abandon_reload(
+                    start_error or f"worker {pid} exited ({why}) before it accepted"
+                )
+                continue
             now = time.monotonic()
-            logger.warning("Worker %d exited (%s); starting another", pid, _describe_exit(code))
+            if start_error is not None:
+                logger.warning("Worker %d cannot start: %s; starting another", pid, start_error)
+            else:
+                logger.warning("Worker %d exited (%s); starting another", pid, why)
             self.due.append(now + RESTART_BACKOFF if now - started < RESTART_BACKOFF else now)
             self.due.sort()
 
     def _start_due(self) -> None:
         while self.due and self.due[0] <= time.monotonic() and self.state == self.RUNNING:
-            if not self._fork():
+            if self._fork(self.main) is None:
                 return  # a signal came: the loop takes it first
             self.due.pop(0)
 
-    def _fork(self) -> bool:
+    def _fork(self, main: WorkerMain) -> int | None:
         """Start one worker, unless a signal is waiting. Signals stay blocked
         across the fork: blocking them runs the Python handler of any signal
         that came before (CPython checks for them on return), so `waiting()`
@@ -400,25 +555,27 @@ class _Supervisor:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.inbox.signals)
         try:
             if self.inbox.waiting():
-                return False
+                return None
             pid = os.fork()
             if pid == 0:
-                self._worker(mask)
+                self._worker(mask, main)
             self.children[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         logger.info("Started worker %d", pid)
-        return True
+        return pid
 
-    def _worker(self, mask: Iterable[int]) -> NoReturn:
+    def _worker(self, mask: Iterable[int], main: WorkerMain) -> NoReturn:
         code = 1
         try:
-            inbox = self.inbox.replace_in_worker(SERVER_SIGNALS)
+            inbox = self.inbox.replace_in_worker(SERVER_INBOX_SIGNALS)
             _become_worker(self.pid, self.prctl)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self._ready_read)
-            result = self.serve_worker(self.sockets, inbox, self._report_ready)
+            result = main(self.sockets, inbox, self._report_ready)
             code = result if isinstance(result, int) else 0
+        except WorkerStartError as error:
+            self._report_ready(str(error) or "it could not start")
         except BaseException:
             logger.exception("Worker %d failed", os.getpid())
         finally:

@@ -366,6 +366,7 @@ class FakeServer:
     logs_peers: bool = False
     checks_clients: bool = False
     logs_client_certs: bool = False
+    metrics: Any = None
     forgotten: list[Forgotten] = field(default_factory=list)
 
     def forget(self, connection: Connection) -> None:
