@@ -33,6 +33,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 
 from aioserver import connection as connection_module
 from aioserver.connection import (
+    FRESH_GRACE,
     LINGER_TIMEOUT,
     NEXT_PHASES,
     Connection,
@@ -1015,6 +1016,36 @@ def test_shutdown_lingers_a_serving_rule_connection_with_the_deadline_at_now_plu
     transport.unacked = 0
     loop.advance(1.0)
     assert setup.forgotten == Forgotten(conn, "server stopped", 2, len(REPLY_A), 2.5)
+
+
+def test_shutdown_serves_a_client_accepted_just_before_until_the_fresh_grace_ends() -> None:
+    """A client accepted 0.1 s before the stop that has sent nothing yet: its
+    request is on its way. It is answered when it comes, and the connection is
+    ended FRESH_GRACE after its accept, not at once."""
+    setup = connect(start=10.0)
+    conn, transport, loop = setup.conn, setup.transport, setup.loop
+    loop.advance(0.1)
+    conn.shutdown()
+    assert conn.phase is Phase.SERVING
+    assert conn.stop_at == 10.0 + FRESH_GRACE
+    assert conn.deadline == 10.1 + 5.0
+    assert loop.timer_times() == [10.0 + FRESH_GRACE]
+    loop.advance(0.05)
+    setup.feed(b"a\n")
+    assert transport.written == REPLY_A
+    loop.advance_to(10.0 + FRESH_GRACE)
+    assert transport.closing
+    assert setup.forgotten == Forgotten(conn, "server stopped", 2, len(REPLY_A), 10.0 + FRESH_GRACE)
+
+
+def test_shutdown_ends_a_client_accepted_long_before_that_never_sent_at_once() -> None:
+    setup = connect(start=10.0)
+    conn, transport, loop = setup.conn, setup.transport, setup.loop
+    loop.advance(FRESH_GRACE)
+    conn.shutdown()
+    assert transport.closing
+    loop.run_ready()
+    assert setup.forgotten == Forgotten(conn, "server stopped", 0, 0, 10.0 + FRESH_GRACE)
 
 
 def test_shutdown_closes_a_settled_serving_connection_at_once() -> None:
