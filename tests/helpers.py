@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -455,3 +456,18 @@ class StartServer(Protocol):
         fd_limit: int | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> AioserverProcess: ...
+
+
+def jam(sock: socket.socket) -> None:
+    """Send until the server stops reading from a client that takes no replies."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    for _ in range(1 << 14):
+        try:
+            sock.send(chunk)
+        except BlockingIOError:
+            _, writable, _ = select.select([], [sock], [], 0.3)
+            if not writable:
+                sock.setblocking(True)
+                return
+    raise AssertionError("the server kept reading from a client that takes no replies")

@@ -9,7 +9,6 @@ server is announced) is tried in this process.
 from __future__ import annotations
 
 import asyncio
-import select
 import signal
 import socket
 import threading
@@ -20,7 +19,7 @@ import pytest
 
 from aioserver import Server, cli, echo, run
 
-from .helpers import START_TIMEOUT, AioserverProcess, start_aioserver
+from .helpers import START_TIMEOUT, AioserverProcess, jam, start_aioserver
 
 LOOPS = ["asyncio", "uvloop"]
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
@@ -72,21 +71,6 @@ def test_a_signal_right_after_the_listening_line_stops_gracefully(loop: str) -> 
             process.finish(STOP_TIMEOUT)
         assert_exited_0(process, attempt)
         assert f"{signum.name} received: stopping" in process.stderr
-
-
-def jam(sock: socket.socket) -> None:
-    """Send until the server stops reading from a client that takes no replies."""
-    sock.setblocking(False)
-    chunk = b"x" * 65536
-    for _ in range(1 << 14):
-        try:
-            sock.send(chunk)
-        except BlockingIOError:
-            _, writable, _ = select.select([], [sock], [], 0.3)
-            if not writable:
-                sock.setblocking(True)
-                return
-    raise AssertionError("the server kept reading from a client that takes no replies")
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import socket
 import time
@@ -25,7 +24,7 @@ import pytest
 
 from aioserver.workers import RESTART_BACKOFF
 
-from .helpers import AioserverProcess, expected_thanks, start_aioserver
+from .helpers import AioserverProcess, expected_thanks, jam, start_aioserver
 
 PID_HANDLER = """\
 import asyncio, os
@@ -194,21 +193,6 @@ def read_to_end(client: socket.socket) -> bytes:
     while chunk := client.recv(65536):
         received += chunk
     return bytes(received)
-
-
-def jam(sock: socket.socket) -> None:
-    """Send until the server stops reading from a client that takes no replies."""
-    sock.setblocking(False)
-    chunk = b"x" * 65536
-    for _ in range(1 << 14):
-        try:
-            sock.send(chunk)
-        except BlockingIOError:
-            _, writable, _ = select.select([], [sock], [], 0.3)
-            if not writable:
-                sock.setblocking(True)
-                return
-    raise AssertionError("the server kept reading from a client that takes no replies")
 
 
 # A stop requested before, during or after the workers start stops them all.
