@@ -67,7 +67,9 @@ TLS_READ_BUFFER_HIGH = 64 * 1024
 FEED_SLICE = 4 * 1024
 # At a stop, a client accepted less than this long ago that has sent nothing
 # yet is served until this long after its accept: it connected just as the
-# server stopped (an old worker at a reload), and its request is on its way.
+# server stopped (an old worker at a reload), and its request is on its way. A
+# handler whose client was active lately is cancelled this long after the stop,
+# so that a request it was answering gets its reply.
 FRESH_GRACE = 0.25
 # SO_LINGER on, with a zero timeout: close() sends an RST and drops what is queued.
 _RESET_ON_CLOSE = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
@@ -403,9 +405,14 @@ class Connection(asyncio.Protocol):
         if self.phase is _CLOSED:
             return
         now = self.loop.time()
-        if self.phase is _SERVING and not self.bytes_in and now < self.started + FRESH_GRACE:
-            # Accepted just as the server stopped: its first request is on its way.
-            self.stop_at = self.started + FRESH_GRACE
+        if self.phase is _SERVING:
+            if not self.bytes_in and now < self.started + FRESH_GRACE:
+                # Accepted just as the server stopped: its first request is on its way.
+                self.stop_at = self.started + FRESH_GRACE
+            elif self.rule is None and not self.quiet:
+                # A handler that heard from its client this sweep interval may be
+                # between a request and its reply: cancelled FRESH_GRACE later.
+                self.stop_at = now + FRESH_GRACE
         self._arm(now + self.server.shutdown_timeout)
         if self.phase is _SERVING and self.stop_at == float("inf"):
             self._stop_serving()

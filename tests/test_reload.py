@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import RUN_TIMEOUT, START_TIMEOUT, AioserverProcess, start_aioserver
+from .helpers import (
+    RUN_TIMEOUT,
+    START_TIMEOUT,
+    AioserverProcess,
+    start_aioserver,
+    wait_until_blocking,
+)
 
 # Same size in v1 and v2: a .pyc checked by mtime and size would take a rewrite
 # within the same second for the old file.
@@ -142,7 +148,11 @@ def test_a_reload_serves_the_new_code_with_no_refused_connection_or_lost_reply(
             deadline = time.monotonic() + 60
             try:
                 index = 0
-                while index < 200 or sum(v == "v2" for v, _, _ in results) < 50:
+                while (
+                    index < 200
+                    or sum(v == "v2" for v, _, _ in results) < 50
+                    or sum(gone for _, _, gone in results) < 20
+                ):
                     assert time.monotonic() < deadline, "the client loop took too long"
                     gone = hup_sent.is_set() and not any(alive(pid) for pid in old)
                     try:
@@ -311,6 +321,8 @@ def test_notify_socket_gets_reloading_then_ready(
         serving = f"STATUS=serving on {server.address}, 2 workers"
         assert receive() == ["STATUS=starting 2 workers"]
         assert receive() == ["READY=1", serving]
+        wait_for_count(server, "Started worker", 2)
+        old = started_workers(server)
         write_handler(tmp_path, "v2")
         server.process.send_signal(signal.SIGHUP)
         reloading = receive()
@@ -320,6 +332,9 @@ def test_notify_socket_gets_reloading_then_ready(
         assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
         assert reloading[2:] == ["STATUS=reloading: starting 2 new workers"]
         assert receive() == ["READY=1", serving]
+        # READY=1 comes once the new workers accept; the old ones, told to stop
+        # then, may still take a connection until their listeners close.
+        wait_until_blocking(lambda: not any(alive(pid) for pid in old), 10, "old workers gone")
         assert ask(server.port, b"x")[0] == "v2"
         server.stop()
         assert receive() == ["STOPPING=1", "STATUS=stopping"]
