@@ -8,9 +8,12 @@ test sleeps or races for a port.
 
 Every connection is recorded (`ConnectionRecord`: peer, bytes received, bytes sent,
 messages, how it ended), and helpers wait for a number of connections, messages or
-closed connections with a timeout. `Faults` switches delays, truncation, resets and
-stalls on and off while the server runs; `refuse_connections()` takes the server
-down while keeping its port, and `accept_connections()` brings it back.
+closed connections with a timeout. `Faults` switches delays, truncation,
+half-closes, resets, stalls, bandwidth limits, sliced writes and slow closes on and
+off while the server runs, aimed by an `Aim` at every connection, the first n, the
+k-th or each with a probability; `refuse_connections()` takes the server down
+while keeping its port, `blackhole_connections()` makes connects hang, and
+`accept_connections()` brings it back.
 
 `server.expect(match).respond_with(reply)` declares what the server answers to
 which message (a server made with handler None answers only so); `server.check()`
@@ -35,7 +38,7 @@ from .base import _check_wait as _check_wait
 from .base import _handler_name as _handler_name
 from .expectations import Expectation, UnexpectedMessage
 from .faults import _LINGER_RESET as _LINGER_RESET
-from .faults import Faults
+from .faults import Aim, Faults
 from .faults import _FaultyWriter as _FaultyWriter
 from .faults import _Link as _Link
 from .faults import _peer as _peer
@@ -52,6 +55,7 @@ from .threaded import ThreadedTestServer
 __all__ = [
     "DEFAULT_WAIT_TIMEOUT",
     "TEST_SHUTDOWN_TIMEOUT",
+    "Aim",
     "ConnectionRecord",
     "Ending",
     "Expectation",

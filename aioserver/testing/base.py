@@ -1,11 +1,12 @@
 """What both test servers share: options, state, records and the read-only API.
 
 `TestServerBase` holds a test server's handler, faults and options, its state
-("new" -> "starting" -> "serving" <-> "refusing" -> "stopped"), its address and its
-recording. It answers the read-only API (where it is, what it saw) alike for every
-server, checks the waits' arguments, words the errors, and has the coroutines that
-change the state on the server's loop: `_start_serving`, `_stop_serving`,
-`_refuse_connections` and `_accept_connections`. A subclass says on which loop they
+("new" -> "starting" -> "serving" <-> "refusing" or "blackholing" -> "stopped"),
+its address and its recording. It answers the read-only API (where it is, what it
+saw) alike for every server, checks the waits' arguments, words the errors, and has
+the coroutines that change the state on the server's loop: `_start_serving`,
+`_stop_serving`, `_refuse_connections`, `_blackhole_connections` and
+`_accept_connections`. A subclass says on which loop they
 run and how its public methods reach them: `TestServer` awaits them on the loop of
 the code that uses it, `ThreadedTestServer` runs them on its own loop in a thread
 and blocks until they are done.
@@ -126,7 +127,7 @@ class TestServerBase:
         self._host = host
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._state = "new"  # -> starting -> serving <-> refusing -> stopped
+        self._state = "new"  # -> starting -> serving <-> refusing/blackholing -> stopped
         self._recording = _Recording(delimiter)
         self._delimiter = delimiter
         self._unexpected = unexpected
@@ -279,6 +280,11 @@ class TestServerBase:
     def is_refusing(self) -> bool:
         return self._state == "refusing"
 
+    @property
+    def is_blackholing(self) -> bool:
+        """True after `blackhole_connections()`, until `accept_connections()`."""
+        return self._state == "blackholing"
+
     # What it saw.
 
     @property
@@ -339,11 +345,20 @@ class TestServerBase:
         self._state = "refusing"
         await self._listener.refuse()
 
+    async def _blackhole_connections(self) -> None:
+        """Stop accepting, keeping the port with a full backlog; harmless when already so."""
+        if self._state == "blackholing":
+            return
+        self._require("serving", "blackhole_connections")
+        self._state = "blackholing"
+        await self._listener.blackhole()
+
     async def _accept_connections(self) -> None:
         """Listen again on the same port; harmless when already serving."""
         if self._state == "serving":
             return
-        self._require("refusing", "accept_connections")
+        if self._state != "blackholing":
+            self._require("refusing", "accept_connections")
         await self._listener.listen_again(self._host, self.port)
         self._state = "serving"
 

@@ -3,7 +3,11 @@ come back on the same port.
 
 `refuse()` stops the listening server but keeps its port, with a placeholder per
 listening socket (bound, never listening, so a connect is refused and the port
-stays taken); `listen_again()` starts a new `aioserver.Server` on that port.
+stays taken); `blackhole()` does the same with placeholders that listen, with a
+backlog of 0 filled by a connection of ours that nobody accepts, so that a new
+connect hangs (Linux drops a SYN to a full accept queue: the client stays in
+SYN-SENT and retries); `listen_again()` starts a new `aioserver.Server` on that
+port.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class _Listener:
         self._options = options
         self.server = Server(serve, host=host, port=port, **options)
         self._placeholders: list[socket.socket] = []
+        self._fillers: list[socket.socket] = []
 
     async def start(self) -> tuple[str, int]:
         """Bind and listen; return the bound (host, port). OSError if taken."""
@@ -50,6 +55,14 @@ class _Listener:
         finally:
             await self.server.stop()
 
+    async def blackhole(self) -> None:
+        """Stop the listening server, keeping its port with placeholders that listen
+        with a full backlog: new connects hang instead of being refused."""
+        await self.refuse()
+        for sock in self._placeholders:
+            sock.listen(0)
+            self._fillers.append(_filler(sock))
+
     async def listen_again(self, host: str, port: int) -> None:
         """After `refuse()`: listen with a new Server on `port`. OSError if taken."""
         server = Server(self._serve, host=host, port=port, **self._options)
@@ -58,8 +71,9 @@ class _Listener:
         self.close_placeholders()
 
     def close_placeholders(self) -> None:
-        for sock in self._placeholders:
+        for sock in self._fillers + self._placeholders:
             sock.close()
+        self._fillers.clear()
         self._placeholders.clear()
 
 
@@ -72,6 +86,22 @@ def _placeholder(listener: socket.socket) -> socket.socket:
         if listener.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(listener.getsockname())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# Loopback connects complete at once; this bounds the one that fills a backlog.
+FILLER_CONNECT_TIMEOUT = 1.0
+
+
+def _filler(listener: socket.socket) -> socket.socket:
+    """A connection to `listener` (listening with backlog 0) that fills its accept queue."""
+    sock = socket.socket(listener.family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(FILLER_CONNECT_TIMEOUT)
+        sock.connect(listener.getsockname()[:2])
     except BaseException:
         sock.close()
         raise

@@ -28,6 +28,7 @@ class Ending(enum.Enum):
     HANDLER_FAILED = "handler failed"
     """The handler raised; `ConnectionRecord.error` holds the exception."""
     CLOSED_BY_FAULT = "closed by the close_after fault"
+    """Closed by close_after (or by half_close_after on TLS, which cannot half-close)."""
     RESET_BY_FAULT = "reset by the reset fault"
 
 
@@ -56,6 +57,9 @@ class ConnectionRecord:
     """None while the connection is open."""
     error: BaseException | None = None
     """The exception that ended the handler, for Ending.HANDLER_FAILED."""
+    faults: tuple[str, ...] = ()
+    """The faults that applied to this connection: those switched on at its accept
+    when the aim (`Faults.connections`) hit it (e.g. ("reset",)); () when none did."""
 
     @property
     def is_open(self) -> bool:
@@ -65,10 +69,21 @@ class ConnectionRecord:
 class _Live:
     """The mutable record of one connection; only `_Recording` touches it."""
 
-    __slots__ = ("ended", "error", "fragment", "index", "messages", "peer", "received", "sent")
+    __slots__ = (
+        "ended",
+        "error",
+        "faults",
+        "fragment",
+        "index",
+        "messages",
+        "peer",
+        "received",
+        "sent",
+    )
 
-    def __init__(self, index: int, peer: tuple[str, int]) -> None:
+    def __init__(self, index: int, peer: tuple[str, int], faults: tuple[str, ...] = ()) -> None:
         self.index = index
+        self.faults = faults
         self.peer = peer
         self.received = bytearray()
         self.sent = bytearray()
@@ -86,6 +101,7 @@ class _Live:
             messages=list(self.messages),
             ended=self.ended,
             error=self.error,
+            faults=self.faults,
         )
 
 
@@ -106,9 +122,9 @@ class _Recording:
 
     # Writes, on the server's loop.
 
-    def open(self, peer: tuple[str, int]) -> _Live:
+    def open(self, peer: tuple[str, int], faults: tuple[str, ...] = ()) -> _Live:
         with self._condition:
-            live = _Live(len(self._connections), peer)
+            live = _Live(len(self._connections), peer, faults)
             self._connections.append(live)
             self._changed()
         return live

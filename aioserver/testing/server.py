@@ -172,8 +172,22 @@ class TestServer(TestServerBase):
         self._check_loop("refuse_connections")
         await self._refuse_connections()
 
+    async def blackhole_connections(self) -> None:
+        """Go down as `refuse_connections()` does, but make new connects hang.
+
+        The port is held by a socket that listens with a backlog of 0, filled by
+        one connection of the server's own that is never accepted: Linux drops
+        the SYN of every further connect, so the client stays in SYN-SENT,
+        retrying, until its connect timeout (or until `accept_connections()`,
+        when its next retry, about 1 s later, gets through). Open connections
+        end as at a stop. Harmless when already so.
+        """
+        self._check_loop("blackhole_connections")
+        await self._blackhole_connections()
+
     async def accept_connections(self) -> None:
-        """Listen again on the same port after `refuse_connections()`.
+        """Listen again on the same port after `refuse_connections()` or
+        `blackhole_connections()`.
 
         The records go on from where they were. Harmless when already serving.
         Raises OSError if the port cannot be bound again.

@@ -86,6 +86,10 @@ class ThreadedTestServer(TestServerBase):
         """As TestServer.refuse_connections(), blocking until done."""
         self._call("refuse_connections", self._refuse_connections)
 
+    def blackhole_connections(self) -> None:
+        """As TestServer.blackhole_connections(), blocking until done."""
+        self._call("blackhole_connections", self._blackhole_connections)
+
     def accept_connections(self) -> None:
         """As TestServer.accept_connections(), blocking until done."""
         self._call("accept_connections", self._accept_connections)
@@ -167,6 +171,6 @@ class ThreadedTestServer(TestServerBase):
     def _call(self, what: str, method: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         self._check_thread(what)
         loop = self._loop
-        if loop is None or not (self.is_serving or self.is_refusing):
+        if loop is None or not (self.is_serving or self.is_refusing or self.is_blackholing):
             raise RuntimeError(f"{what}: {self!r} is not running")
         return asyncio.run_coroutine_threadsafe(method(), loop).result()
