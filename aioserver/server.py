@@ -434,10 +434,13 @@ class Server:
         still sending to close too (or fall silent for LINGER_TIMEOUT). What is
         not done by shutdown_timeout is reset. A handler still running
         HANDLER_STOP_MARGIN later (it swallowed the cancellation, or sleeps in
-        its cleanup) is abandoned with a warning naming it. A stop with only
-        idle clients returns at once. Calling it again, or while it runs, just
-        waits for the first call. Cancelling a stop resets every connection at
-        once and re-raises the cancellation.
+        its cleanup) is abandoned with a warning naming it. A client accepted
+        less than FRESH_GRACE before the stop that has not sent yet, and a
+        handler whose client was active lately, get FRESH_GRACE more, so that
+        a request on its way is answered. A stop with only idle clients
+        returns at once. Calling it again, or while it runs, just waits for the
+        first call. Cancelling a stop resets every connection at once and
+        re-raises the cancellation.
         """
         if self.stopping:
             await self._stopped.wait()
