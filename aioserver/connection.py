@@ -374,6 +374,7 @@ class Connection(asyncio.Protocol):
         if phase is _CLOSED:
             return
         if how is Ending.RESET:
+            self._cancel_handler()  # it would write to a transport that is gone
             self._reset()
             return
         if phase is _PROXY or phase is _TLS:
@@ -419,11 +420,19 @@ class Connection(asyncio.Protocol):
 
     def _stop_serving(self) -> None:
         self.reason = self.reason or "server stopped"
-        if self.rule is None and self.task is not None and not self.task.done():
-            self.handler_cancelled = True
-            self.task.cancel()
-        else:
+        if not self._cancel_handler():
             self.end(Ending.LINGER, "server stopped")
+
+    def _cancel_handler(self) -> bool:
+        """Cancel the user's handler if it runs (not from inside it); whether
+        it is cancelled now or was already."""
+        task = self.task
+        if self.rule is not None or task is None or task.done():
+            return False
+        if not self.handler_cancelled and task is not asyncio.current_task(self.loop):
+            self.handler_cancelled = True
+            task.cancel()
+        return True
 
     def idle_check(self, idle_for: float) -> None:
         """Called by the sweep after `idle_for` seconds without a sign of life
@@ -438,10 +447,8 @@ class Connection(asyncio.Protocol):
         reason = f"idle for {idle_for:g} s"
         if pending:
             self.end(Ending.RESET, f"{reason} with {pending} bytes not taken")
-        elif self.rule is None and self.phase is _SERVING and self.task is not None:
+        elif self.phase is _SERVING and self._cancel_handler():
             self.reason = self.reason or reason
-            self.handler_cancelled = True
-            self.task.cancel()
         else:
             self.end(Ending.CLOSE, reason)
 
