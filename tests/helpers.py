@@ -471,3 +471,19 @@ def jam(sock: socket.socket) -> None:
                 sock.setblocking(True)
                 return
     raise AssertionError("the server kept reading from a client that takes no replies")
+
+
+# The event loops a test runs the command or a threaded server on.
+LOOPS = ["asyncio", "uvloop"]
+
+
+async def talk(address: tuple[str, int], data: bytes) -> bytes:
+    """Send `data`, half-close, and return everything received until EOF."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        writer.write_eof()
+        return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()

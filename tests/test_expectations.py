@@ -23,21 +23,7 @@ from aioserver.testing import (
     UnexpectedMessage,
 )
 
-from .helpers import PREFIX, close
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-async def talk(address: tuple[str, int], data: bytes) -> bytes:
-    """Send `data`, half-close, and return everything received until EOF."""
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        writer.write(data)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
+from .helpers import LOOPS, PREFIX, close, talk
 
 
 def talk_blocking(address: tuple[str, int], data: bytes) -> bytes:

@@ -17,12 +17,11 @@ from aioserver import echo
 from aioserver.protocols import Handler
 from aioserver.testing import Aim, Ending, Faults, TestServer, ThreadedTestServer
 
-from .helpers import close
+from .helpers import LOOPS, close
 
 # Timers may fire a hair early by the clock the client reads (uvloop keeps
 # milliseconds): a measured wait must be at least the fault's minus this.
 TIMER_SLACK = 0.01
-LOOPS = ["asyncio", "uvloop"]
 
 
 async def talk(address: tuple[str, int], data: bytes) -> bytes:

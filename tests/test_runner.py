@@ -19,9 +19,8 @@ import pytest
 
 from aioserver import Server, cli, echo, run
 
-from .helpers import START_TIMEOUT, AioserverProcess, jam, start_aioserver
+from .helpers import LOOPS, START_TIMEOUT, AioserverProcess, jam, start_aioserver
 
-LOOPS = ["asyncio", "uvloop"]
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 # A stop without clients takes milliseconds.
 STOP_TIMEOUT = 10.0

@@ -23,7 +23,7 @@ from aioserver.testing import (
     WrongLoopError,
 )
 
-from .helpers import PREFIX, close, needs_ipv6, open_fds
+from .helpers import LOOPS, PREFIX, close, needs_ipv6, open_fds, talk
 
 # Long enough to stand far above loopback latency, short enough to keep tests quick.
 DELAY = 0.25
@@ -33,20 +33,6 @@ TIMER_SLACK = 0.01
 # More than any loopback send and receive buffers together; a send that has not
 # blocked by then never will.
 MAX_UNBLOCKED_SEND = 64 * 1024 * 1024
-
-LOOPS = ["asyncio", "uvloop"]
-
-
-async def talk(address: tuple[str, int], data: bytes) -> bytes:
-    """Send `data`, half-close, and return everything received until EOF."""
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        writer.write(data)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 def only_task_left() -> bool:

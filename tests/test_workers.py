@@ -24,7 +24,7 @@ import pytest
 
 from aioserver.workers import RESTART_BACKOFF
 
-from .helpers import AioserverProcess, expected_thanks, jam, start_aioserver
+from .helpers import LOOPS, AioserverProcess, expected_thanks, jam, start_aioserver
 
 PID_HANDLER = """\
 import asyncio, os
@@ -125,7 +125,6 @@ def test_two_workers_share_the_port_survive_sigkill_and_stop_on_sigterm(
 # workers are forks of it and inherit it, whatever happened to the supervisor.
 
 TOKEN_VARIABLE = "TEST_AIOSERVER_TOKEN"
-LOOPS = ["asyncio", "uvloop"]
 # A stop here (no client, or a client that reads) takes milliseconds; the old
 # code hung for ever.
 STOP_TIMEOUT = 10.0
