@@ -476,13 +476,16 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        # Nothing of ours in flight and nothing of the client's unread: a reset
-        # could destroy no reply, so there is nothing to wait for. At a stop
-        # this is almost every client. A client that never sent needs no wait
-        # either, nor can TLS half-close.
+        # Quiet for a sweep interval, nothing of ours in flight and nothing of
+        # the client's unread: a reset could destroy no reply, so there is
+        # nothing to wait for. At a stop this is almost every client. (A client
+        # heard from just now may be sending its next line, which a close would
+        # answer with a reset.) A client that never sent needs no wait either,
+        # nor can TLS half-close.
         unread = _socket_queue(self.raw, "FIONREAD")
         settled = (
-            not transport.get_write_buffer_size()
+            self.quiet > 0
+            and not transport.get_write_buffer_size()
             and _socket_queue(self.raw, "TIOCOUTQ") == 0
             and unread == 0
         )

@@ -811,6 +811,7 @@ def test_linger_closes_at_once_when_there_is_nothing_to_wait_for(
     conn, transport = setup.conn, setup.transport
     if received:
         setup.feed(b"a\n")
+    conn.quiet = 1  # a sweep interval passed without a sign of life
     transport.unacked = unacked
     transport.eof_allowed = can_write_eof
     conn.end(Ending.LINGER, "done")
@@ -1034,8 +1035,14 @@ def test_shutdown_serves_a_client_accepted_just_before_until_the_fresh_grace_end
     setup.feed(b"a\n")
     assert transport.written == REPLY_A
     loop.advance_to(10.0 + FRESH_GRACE)
+    # Heard from just now: it lingers, then closes after LINGER_TIMEOUT of silence.
+    assert conn.phase is Phase.LINGERING
+    assert transport.eof
+    loop.advance(LINGER_TIMEOUT)
     assert transport.closing
-    assert setup.forgotten == Forgotten(conn, "server stopped", 2, len(REPLY_A), 10.0 + FRESH_GRACE)
+    assert setup.forgotten == Forgotten(
+        conn, "server stopped", 2, len(REPLY_A), 10.0 + FRESH_GRACE + LINGER_TIMEOUT
+    )
 
 
 def test_shutdown_ends_a_client_accepted_long_before_that_never_sent_at_once() -> None:
@@ -1048,11 +1055,24 @@ def test_shutdown_ends_a_client_accepted_long_before_that_never_sent_at_once() -
     assert setup.forgotten == Forgotten(conn, "server stopped", 0, 0, 10.0 + FRESH_GRACE)
 
 
+def test_linger_waits_for_a_settled_client_heard_from_this_sweep_interval() -> None:
+    """Nothing in flight either way, but the client just sent: its next line may
+    be on its way, and a close would answer it with a reset."""
+    setup = connect()
+    conn, transport = setup.conn, setup.transport
+    setup.feed(b"a\n")
+    conn.end(Ending.LINGER, "done")
+    assert conn.phase is Phase.LINGERING
+    assert transport.eof
+    assert not transport.closing
+
+
 def test_shutdown_closes_a_settled_serving_connection_at_once() -> None:
     setup = connect()
     conn, transport, loop = setup.conn, setup.transport, setup.loop
     loop.advance(2.0)
     setup.feed(b"a\n")
+    conn.quiet = 1  # a sweep interval passed without a sign of life
     conn.shutdown()
     assert conn.phase is Phase.FLUSHING
     assert transport.closing
