@@ -309,7 +309,7 @@ class Connection(asyncio.Protocol):
         tls = server.tls_protocol(
             self.loop,
             self,
-            server.ssl,
+            server.tls_context(self),
             waiter,
             server_side=True,
             ssl_handshake_timeout=max(self.deadline - self.loop.time(), 0.001),

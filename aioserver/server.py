@@ -336,6 +336,12 @@ class Server:
                 return int(sock.getsockname()[1])
         return None
 
+    def tls_context(self, connection: Connection) -> ssl_module.SSLContext:
+        """The TLS context of `connection`'s handshake: `ssl`, for every connection.
+        A subclass may choose per connection (the test server's fail_tls fault does)."""
+        assert self.ssl is not None
+        return self.ssl
+
     @property
     def stats(self) -> Stats:
         """Counters; `bytes_out` counts what was handed to the kernel."""

@@ -370,6 +370,9 @@ class FakeServer:
     metrics: Any = None
     forgotten: list[Forgotten] = field(default_factory=list)
 
+    def tls_context(self, connection: Connection) -> Any:
+        return self.ssl
+
     def forget(self, connection: Connection) -> None:
         self.forgotten.append(
             Forgotten(

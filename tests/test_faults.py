@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -138,6 +139,79 @@ def test_threaded_server_fails_once_then_behaves() -> None:
                     assert recv_all(sock) == expected
             records = server.wait_for_closed(2)
         assert [r.faults for r in records] == [("close_after",), ()]
+
+
+# A failed TLS handshake.
+
+
+async def tls_talk(address: tuple[str, int], context: ssl.SSLContext, data: bytes) -> bytes:
+    """Over TLS: send `data`, read until `data`'s length came back, close."""
+    reader, writer = await asyncio.open_connection(
+        *address, ssl=context, server_hostname="127.0.0.1"
+    )
+    try:
+        writer.write(data)
+        return await reader.readexactly(len(data))
+    finally:
+        await close(writer)
+
+
+@pytest.mark.asyncio
+async def test_fail_tls_fails_the_first_handshake_then_behaves(
+    server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    faults = Faults(fail_tls=True, connections=Aim.first(1))
+    async with TestServer(echo, ssl=server_tls_context, faults=faults) as server:
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            await tls_talk(server.address, client_tls_context, b"first")
+        assert await tls_talk(server.address, client_tls_context, b"second") == b"second"
+        records = await server.wait_for_closed(2)
+    assert [(r.received, r.sent, r.ended, r.faults) for r in records] == [
+        (b"", b"", Ending.TLS_FAILED, ("fail_tls",)),
+        (b"second", b"second", Ending.CLIENT_CLOSED, ()),
+    ]
+
+
+@pytest.mark.asyncio
+async def test_on_tls_the_aim_counts_each_connection_once(
+    server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    # Decided before the handshake for fail_tls, and not again by the handler.
+    faults = Faults(close_after=2, connections=Aim.nth(2))
+    async with TestServer(HELLO, ssl=server_tls_context, faults=faults) as server:
+        replies = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(
+                *server.address, ssl=client_tls_context, server_hostname="127.0.0.1"
+            )
+            replies.append(await reader.read())
+            await close(writer)
+        records = await server.wait_for_closed(3)
+    assert replies == [b"hello", b"he", b"hello"]
+    assert [r.faults for r in records] == [(), ("close_after",), ()]
+
+
+def test_threaded_fail_tls_with_a_blocking_client(
+    server_tls_context: ssl.SSLContext, client_tls_context: ssl.SSLContext
+) -> None:
+    for loop in LOOPS:
+        faults = Faults(fail_tls=True)
+        with ThreadedTestServer(echo, loop=loop, ssl=server_tls_context, faults=faults) as server:
+            for _ in range(2):
+                with (
+                    socket.create_connection(server.address, timeout=5) as sock,
+                    pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"),
+                ):
+                    client_tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
+            server.faults.fail_tls = False
+            with (
+                socket.create_connection(server.address, timeout=5) as sock,
+                client_tls_context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+            ):
+                tls.sendall(b"ping")
+                assert tls.recv(4) == b"ping"
+            records = server.wait_for_closed(3)
+        assert [r.ended for r in records] == [Ending.TLS_FAILED] * 2 + [Ending.CLIENT_CLOSED]
 
 
 # Faults of the network.

@@ -15,11 +15,13 @@ and blocks until they are done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import ssl as ssl_module
 import traceback
 from typing import Any, ClassVar, TypedDict, cast
 
+from ..connection import Connection
 from ..protocols import DEFAULT_MAX_MESSAGE_SIZE, READ_CHUNK, Handler, echo
 from ..server import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from .expectations import (
@@ -33,9 +35,9 @@ from .expectations import (
     _Framer,
     _TooLong,
 )
-from .faults import Faults, _FaultyWriter, _serve_with_faults
+from .faults import Faults, _FaultyWriter, _peer, _serve_with_faults, aimed
 from .listener import _Listener
-from .recording import ConnectionRecord, _Recording, _transcript
+from .recording import ConnectionRecord, Ending, _Recording, _transcript
 
 # Five seconds: loopback traffic needs milliseconds, and a wait that can never
 # succeed fails with its own message well inside a per-test timeout.
@@ -123,7 +125,12 @@ class TestServerBase:
             "ssl": ssl,
             "reuse_port": True,  # lets a placeholder hold the port while refusing
         }
-        self._listener = _Listener(self._serve_connection, host, port, self._options)
+        self._listener = _Listener(
+            self._serve_connection, self._choose_tls, host, port, self._options
+        )
+        # On a TLS server, the faults' aim is decided before the handshake; the
+        # decision waits here for the handler, by the connection's socket.
+        self._aimed: dict[int, Faults] = {}
         self._host = host
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -370,6 +377,9 @@ class TestServerBase:
         # by the expectations).
         handler = self._serve_expected if self.expects else self.handler
         assert handler is not None
+        active = None
+        if self._options["ssl"] is not None:
+            active = self._aimed.pop(writer.get_extra_info("socket").fileno(), None)
         await _serve_with_faults(
             handler,
             self.faults,
@@ -377,7 +387,23 @@ class TestServerBase:
             self._options["max_message_size"],
             reader,
             writer,
+            active,
         )
+
+    def _choose_tls(self, connection: Connection) -> ssl_module.SSLContext:
+        # Before a connection's TLS handshake: aim the faults at it; under fail_tls,
+        # record it as failed and hand it a context that fails the handshake.
+        active = aimed(self.faults)
+        transport = connection.raw
+        if active.fail_tls:
+            live = self._recording.open(_peer(transport), active._on())
+            self._recording.end(live, Ending.TLS_FAILED, None)
+            # The loop's TLS layer closes a failed handshake without sending its
+            # alert, so the alert is written here, ahead of it.
+            transport.write(_HANDSHAKE_FAILURE_ALERT)
+            return _failing_tls_context()
+        self._aimed[transport.get_extra_info("socket").fileno()] = active
+        return cast(ssl_module.SSLContext, self._options["ssl"])
 
     async def _serve_expected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -436,3 +462,15 @@ class TestServerBase:
     def _require(self, state: str, what: str) -> None:
         if self._state != state:
             raise RuntimeError(f"{what}: {self!r} is not {state}")
+
+
+# A TLS record (type 21: alert, version 3.3, 2 bytes): fatal (2), handshake_failure (40).
+_HANDSHAKE_FAILURE_ALERT = bytes([21, 3, 3, 0, 2, 2, 40])
+
+
+@functools.cache
+def _failing_tls_context() -> ssl_module.SSLContext:
+    """A server context whose every handshake fails with a handshake_failure alert."""
+    context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_SERVER)
+    context.sni_callback = lambda *_: ssl_module.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+    return context

@@ -149,6 +149,7 @@ _OFF: dict[str, object] = {
     "slice_delay": 0.0,
     "half_close_after": None,
     "slow_close": 0.0,
+    "fail_tls": False,
 }
 
 
@@ -184,6 +185,10 @@ class Faults:
     - slow_close: seconds the server waits before it closes a connection, after
       the handler closed or returned: the client gets its replies, then EOF that
       much later.
+    - fail_tls: on a server with `ssl`, the TLS handshake fails: the server
+      answers the client's hello with a handshake_failure alert and closes, and
+      the handler never runs. The connection is recorded, with nothing received,
+      as ended TLS_FAILED when its handshake begins. No effect without `ssl`.
 
     `connections` (an `Aim`, by default `Aim.all()`) says which connections the
     faults apply to, decided once per connection at accept; a connection missed
@@ -203,6 +208,7 @@ class Faults:
         "_slice_delay",
         "_slice_size",
         "_slow_close",
+        "fail_tls",
         "reset",
         "stall",
     )
@@ -219,6 +225,7 @@ class Faults:
         slice_delay: float = 0.0,
         half_close_after: int | None = None,
         slow_close: float = 0.0,
+        fail_tls: bool = False,
         connections: Aim | None = None,
     ) -> None:
         self._lock = threading.Lock()
@@ -231,6 +238,7 @@ class Faults:
         self.slice_delay = slice_delay
         self.half_close_after = half_close_after
         self.slow_close = slow_close
+        self.fail_tls = fail_tls
         self.connections = connections if connections is not None else Aim.all()
 
     @property
@@ -331,6 +339,11 @@ class Faults:
 
 # What a connection that the aim missed sees: no fault at all.
 _NO_FAULTS = Faults()
+
+
+def aimed(faults: Faults) -> Faults:
+    """For a new connection: `faults` if their aim hits it, else no faults."""
+    return faults if faults._aim_next() else _NO_FAULTS
 
 
 class _Link:
@@ -645,7 +658,7 @@ class _FaultyWriter(asyncio.StreamWriter):
         await self._link.inner_writer.wait_closed()
 
 
-def _peer(writer: asyncio.StreamWriter) -> tuple[str, int]:
+def _peer(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> tuple[str, int]:
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple | list) and len(peer) >= 2:
         return str(peer[0]), int(peer[1])
@@ -684,13 +697,16 @@ async def _serve_with_faults(
     max_message_size: int,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    active: Faults | None = None,
 ) -> None:
     """Serve one accepted connection with `handler`: record it, apply `faults`.
 
-    Whether the faults apply is decided here, once, by `faults.connections`; a
-    connection they miss is served as if every fault were off.
+    Whether the faults apply is decided once, by `faults.connections`: here, or
+    before the TLS handshake (then `active` is the decision: `faults`, or no
+    faults); a connection they miss is served as if every fault were off.
     """
-    active = faults if faults._aim_next() else _NO_FAULTS
+    if active is None:
+        active = aimed(faults)
     live = recording.open(_peer(writer), active._on())
     link = _Link(recording, live, active, reader, writer, max_message_size)
     ending = Ending.SERVER_CLOSED

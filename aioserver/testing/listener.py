@@ -13,24 +13,44 @@ port.
 from __future__ import annotations
 
 import socket
+import ssl
+from collections.abc import Callable
 from typing import Any
 
+from ..connection import Connection
 from ..protocols import Handler
 from ..server import Server
+
+TLSChooser = Callable[[Connection], ssl.SSLContext]
+
+
+class _Server(Server):
+    """An `aioserver.Server` whose TLS context `choose` picks per connection."""
+
+    def __init__(self, serve: Handler, choose: TLSChooser, **options: Any) -> None:
+        super().__init__(serve, **options)
+        self._choose = choose
+
+    def tls_context(self, connection: Connection) -> ssl.SSLContext:
+        return self._choose(connection)
 
 
 class _Listener:
     """The `aioserver.Server` a test server listens with, and its placeholders.
 
-    `serve` is the connection handler of every Server it makes; `options` are the
-    Server's keyword options (`reuse_port` on, so that a placeholder can share the
-    port). Every method runs on the server's loop.
+    `serve` is the connection handler of every Server it makes, `choose` picks
+    each connection's TLS context; `options` are the Server's keyword options
+    (`reuse_port` on, so that a placeholder can share the port). Every method
+    runs on the server's loop.
     """
 
-    def __init__(self, serve: Handler, host: str, port: int, options: dict[str, Any]) -> None:
+    def __init__(
+        self, serve: Handler, choose: TLSChooser, host: str, port: int, options: dict[str, Any]
+    ) -> None:
         self._serve = serve
+        self._choose = choose
         self._options = options
-        self.server = Server(serve, host=host, port=port, **options)
+        self.server: Server = _Server(serve, choose, host=host, port=port, **options)
         self._placeholders: list[socket.socket] = []
         self._fillers: list[socket.socket] = []
 
@@ -65,7 +85,7 @@ class _Listener:
 
     async def listen_again(self, host: str, port: int) -> None:
         """After `refuse()`: listen with a new Server on `port`. OSError if taken."""
-        server = Server(self._serve, host=host, port=port, **self._options)
+        server = _Server(self._serve, self._choose, host=host, port=port, **self._options)
         await server.start()
         self.server = server
         self.close_placeholders()

@@ -30,6 +30,7 @@ class Ending(enum.Enum):
     CLOSED_BY_FAULT = "closed by the close_after fault"
     """Closed by close_after (or by half_close_after on TLS, which cannot half-close)."""
     RESET_BY_FAULT = "reset by the reset fault"
+    TLS_FAILED = "TLS handshake failed by the fail_tls fault"
 
 
 @dataclass(frozen=True)
