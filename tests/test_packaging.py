@@ -15,6 +15,7 @@ import configparser
 import email.parser
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -223,3 +224,69 @@ def test_the_sdists_tests_run_from_the_unpacked_sdist(dists: Dists, tmp_path: Pa
 
     after = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*"))
     assert after == before, "running the tests wrote into the unpacked sdist"
+
+
+README = ROOT / "README.md"
+INSTALL_TIMEOUT_S = 300  # a new venv and pip installs from the index or its cache
+EXAMPLES_TIMEOUT_S = 120
+# What an example module of the README may import besides the standard library.
+EXAMPLE_PACKAGES = {"aioserver", "pytest", "redis"}
+
+
+def readme_test_modules() -> list[str]:
+    """Every test module of the README's "Use it in your tests" section."""
+    section = README.read_text().split("## Use it in your tests", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_readme_test_modules_pass_in_an_empty_project_that_installs_only_the_wheel(
+    dists: Dists, tmp_path: Path
+) -> None:
+    """Each module of "Use it in your tests", copied into an empty project whose
+    new environment has only the wheel with its pytest extra (and redis-py for the
+    module that imports redis), passes there."""
+    modules = readme_test_modules()
+    assert modules, "expected the README's test modules"
+    imported = {
+        name.split(".")[0]
+        for module in modules
+        for name in re.findall(r"^(?:from|import) (\w[\w.]*)", module, re.M)
+    }
+    assert imported - EXAMPLE_PACKAGES <= set(sys.stdlib_module_names), imported
+    if "redis" in imported and shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's)")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COV_CORE_", "COVERAGE_", "PYTEST_", "VIRTUAL_ENV"))
+    }
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
+    python = str(venv / "bin" / "python")
+    install = [f"{dists.wheel}[pytest]", *(["redis"] if "redis" in imported else [])]
+    proc = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *install],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    project = tmp_path / "project"
+    project.mkdir()
+    for number, module in enumerate(modules, 1):
+        (project / f"test_readme_{number}.py").write_text(module)
+    proc = subprocess.run(
+        [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=EXAMPLES_TIMEOUT_S,
+        check=False,
+    )
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, output
+    assert re.search(r"\b\d+ passed\b", proc.stdout), output
+    assert not re.search(r"\b(failed|errors?|skipped|warnings?)\b", proc.stdout), output
