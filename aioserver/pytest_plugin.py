@@ -10,6 +10,8 @@ For asyncio tests (pytest-asyncio 1.x, strict or auto mode):
   (`expect_server.expect(b"PING").respond_with(b"PONG\\n")`), lines ending in LF.
 - `server_factory`: `await server_factory(handler, **options)` starts a
   `TestServer` with any handler and the options of TestServer.
+- `fault_proxy_factory`: `await fault_proxy_factory(upstream_address, **options)`
+  starts a `FaultProxy` to that service, with the options of FaultProxy.
 
 They run on the event loop of the test that uses them, whatever its loop scope
 (`@pytest.mark.asyncio(loop_scope=...)` or `asyncio_default_test_loop_scope`), so
@@ -21,10 +23,12 @@ For any test, synchronous or not, with no pytest-asyncio needed:
 - `threaded_echo_server`, `threaded_thanks_server`, `threaded_expect_server`: a
   `ThreadedTestServer`.
 - `threaded_server_factory`: `threaded_server_factory(handler, **options)`.
+- `threaded_fault_proxy_factory`: `threaded_fault_proxy_factory(upstream_address,
+  **options)` starts a `ThreadedFaultProxy`.
 
-At teardown every server is stopped through `aioserver.Server.stop()`, on its own
-loop: the listening socket closes, every connection task is cancelled and awaited,
-no task, socket or thread is left and nothing warns.
+At teardown every server and proxy is stopped through `aioserver.Server.stop()`,
+on its own loop: the listening socket closes, every connection task is cancelled
+and awaited, no task, socket or thread is left and nothing warns.
 
 Checks: when the test function has passed, `check()` runs on every server these
 fixtures made for it, and an unexpected message, an unmet one-shot or ordered
@@ -33,7 +37,7 @@ transcript of the connections involved. `@pytest.mark.aioserver_no_check` opts a
 test (or a class or module, by `pytestmark`) out. When a test that used these
 fixtures fails in any phase, its report gets a section "Captured aioserver
 <phase>" with each server's transcript: per connection what it received and sent,
-2 KiB each way, the last 20 connections.
+2 KiB each way, the last 20 connections (for a proxy, what it carried each way).
 
 A server with a wider scope than a test is one the test project makes itself:
 `async with TestServer(...)` in a fixture with that scope and loop scope. A test
@@ -45,13 +49,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Iterator
-from typing import Literal, Unpack, cast
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Literal, Union, Unpack, cast
 
 import pytest
 
 from .protocols import Handler, echo, thanks
-from .testing import ServerOptions, TestServer, ThreadedTestServer, WrongLoopError
+from .testing import (
+    FaultProxy,
+    ProxyOptions,
+    ServerOptions,
+    TestServer,
+    ThreadedFaultProxy,
+    ThreadedTestServer,
+    WrongLoopError,
+)
 from .testing.base import TestServerBase
 
 try:
@@ -62,14 +74,18 @@ else:
     HAVE_PYTEST_ASYNCIO = True
 
 __all__ = [
+    "FaultProxyFactory",
     "ServerFactory",
+    "ThreadedFaultProxyFactory",
     "ThreadedServerFactory",
     "echo_server",
     "expect_server",
+    "fault_proxy_factory",
     "server_factory",
     "thanks_server",
     "threaded_echo_server",
     "threaded_expect_server",
+    "threaded_fault_proxy_factory",
     "threaded_server_factory",
     "threaded_thanks_server",
 ]
@@ -79,27 +95,39 @@ LOOP_SCOPES: tuple[LoopScope, ...] = ("function", "class", "module", "package", 
 
 NO_CHECK_MARKER = "aioserver_no_check"
 
-# What the fixtures made for a test: servers and factories, checked after the
-# test and shown in the report of a failure.
-_MADE = pytest.StashKey[list["TestServerBase | ServerFactory | ThreadedServerFactory"]]()
+# What the fixtures made for a test: servers, proxies and factories; the servers
+# are checked after the test, and all are shown in the report of a failure.
+Made = Union[
+    TestServerBase,
+    "ServerFactory",
+    "ThreadedServerFactory",
+    "FaultProxyFactory",
+    "ThreadedFaultProxyFactory",
+]
+_MADE = pytest.StashKey[list[Made]]()
 
 
-def _register(request: pytest.FixtureRequest, made: object) -> None:
+def _register(request: pytest.FixtureRequest, made: Made) -> None:
     node = request.node
     if isinstance(node, pytest.Item):
-        node.stash.setdefault(_MADE, []).append(
-            cast("TestServerBase | ServerFactory | ThreadedServerFactory", made)
-        )
+        node.stash.setdefault(_MADE, []).append(made)
+
+
+def _made_of(item: pytest.Item) -> list[TestServerBase | FaultProxy | ThreadedFaultProxy]:
+    """Every server and proxy the fixtures made for `item`, factories' included."""
+    made: list[TestServerBase | FaultProxy | ThreadedFaultProxy] = []
+    for entry in item.stash.get(_MADE, []):
+        if isinstance(entry, ServerFactory | ThreadedServerFactory):
+            made += entry.servers
+        elif isinstance(entry, FaultProxyFactory | ThreadedFaultProxyFactory):
+            made += entry.proxies
+        else:
+            made.append(entry)
+    return made
 
 
 def _servers_of(item: pytest.Item) -> list[TestServerBase]:
-    servers: list[TestServerBase] = []
-    for made in item.stash.get(_MADE, []):
-        if isinstance(made, ServerFactory | ThreadedServerFactory):
-            servers += made.servers
-        else:
-            servers.append(made)
-    return servers
+    return [made for made in _made_of(item) if isinstance(made, TestServerBase)]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -171,7 +199,62 @@ class ThreadedServerFactory:
         _stop_all(list(reversed(self.servers)))
 
 
-async def _stop_all_async(servers: list[TestServer]) -> None:
+class FaultProxyFactory:
+    """Starts FaultProxies on the loop it was made on; `aclose()` stops them all.
+
+    The `fault_proxy_factory` fixture is one, closed at the end of the test.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.proxies: list[FaultProxy] = []
+
+    async def __call__(
+        self, upstream_address: tuple[str, int] | str, **options: Unpack[ProxyOptions]
+    ) -> FaultProxy:
+        """A started FaultProxy(upstream_address, **options); OSError if it cannot bind."""
+        if asyncio.get_running_loop() is not self.loop:
+            raise WrongLoopError(
+                "fault_proxy_factory: called from another event loop than the test's; "
+                "proxies it makes run on the loop of the test that asked for it"
+            )
+        proxy = FaultProxy(upstream_address, **options)
+        await proxy.start()
+        self.proxies.append(proxy)
+        return proxy
+
+    async def aclose(self) -> None:
+        """Stop every proxy made, the last first, even if a stop fails."""
+        await _stop_all_async(list(reversed(self.proxies)))
+
+
+class ThreadedFaultProxyFactory:
+    """Starts ThreadedFaultProxies; `close()` stops them all.
+
+    The `threaded_fault_proxy_factory` fixture is one, closed at the end of the test.
+    """
+
+    def __init__(self) -> None:
+        self.proxies: list[ThreadedFaultProxy] = []
+
+    def __call__(
+        self,
+        upstream_address: tuple[str, int] | str,
+        *,
+        loop: str = "auto",
+        **options: Unpack[ProxyOptions],
+    ) -> ThreadedFaultProxy:
+        """A started ThreadedFaultProxy(upstream_address, loop=loop, **options)."""
+        proxy = ThreadedFaultProxy(upstream_address, loop=loop, **options).start()
+        self.proxies.append(proxy)
+        return proxy
+
+    def close(self) -> None:
+        """Stop every proxy made, the last first, even if a stop fails."""
+        _stop_all(list(reversed(self.proxies)))
+
+
+async def _stop_all_async(servers: Sequence[TestServer | FaultProxy]) -> None:
     if not servers:
         return
     try:
@@ -180,7 +263,7 @@ async def _stop_all_async(servers: list[TestServer]) -> None:
         await _stop_all_async(servers[1:])
 
 
-def _stop_all(servers: list[ThreadedTestServer]) -> None:
+def _stop_all(servers: Sequence[ThreadedTestServer | ThreadedFaultProxy]) -> None:
     if not servers:
         return
     try:
@@ -193,7 +276,9 @@ def _stop_all(servers: list[ThreadedTestServer]) -> None:
 # asks for it, one of the variants below: an async fixture with that loop scope,
 # so pytest-asyncio runs it (setup, teardown) on the test's own loop.
 
-InLoopKind = Literal["echo_server", "thanks_server", "expect_server", "server_factory"]
+InLoopKind = Literal[
+    "echo_server", "thanks_server", "expect_server", "server_factory", "fault_proxy_factory"
+]
 ServerKind = Literal["echo_server", "thanks_server", "expect_server"]
 HANDLERS: dict[str, Handler | None] = {
     "echo_server": echo,
@@ -252,6 +337,7 @@ def _define_variants() -> None:
         for kind in kinds:
             _define_server_variant(kind, scope)
         _define_factory_variant(scope)
+        _define_proxy_factory_variant(scope)
 
 
 def _define_server_variant(kind: ServerKind, scope: LoopScope) -> None:
@@ -276,6 +362,19 @@ def _define_factory_variant(scope: LoopScope) -> None:
             await factory.aclose()
 
     name = _variant_name("server_factory", scope)
+    globals()[name] = pytest_asyncio.fixture(variant, name=name, loop_scope=scope)
+
+
+def _define_proxy_factory_variant(scope: LoopScope) -> None:
+    async def variant(request: pytest.FixtureRequest) -> AsyncIterator[FaultProxyFactory]:
+        factory = FaultProxyFactory()
+        _register(request, factory)
+        try:
+            yield factory
+        finally:
+            await factory.aclose()
+
+    name = _variant_name("fault_proxy_factory", scope)
     globals()[name] = pytest_asyncio.fixture(variant, name=name, loop_scope=scope)
 
 
@@ -305,6 +404,13 @@ def expect_server(request: pytest.FixtureRequest) -> TestServer:
 def server_factory(request: pytest.FixtureRequest) -> ServerFactory:
     """`await server_factory(handler, **options)`: TestServers stopped after the test."""
     return cast(ServerFactory, _on_test_loop(request, "server_factory"))
+
+
+@pytest.fixture
+def fault_proxy_factory(request: pytest.FixtureRequest) -> FaultProxyFactory:
+    """`await fault_proxy_factory(upstream_address, **options)`: FaultProxies to
+    that service on this asyncio test's loop, stopped after the test."""
+    return cast(FaultProxyFactory, _on_test_loop(request, "fault_proxy_factory"))
 
 
 # Threaded fixtures.
@@ -345,6 +451,20 @@ def threaded_server_factory(request: pytest.FixtureRequest) -> Iterator[Threaded
         factory.close()
 
 
+@pytest.fixture
+def threaded_fault_proxy_factory(
+    request: pytest.FixtureRequest,
+) -> Iterator[ThreadedFaultProxyFactory]:
+    """`threaded_fault_proxy_factory(upstream_address, **options)`: ThreadedFaultProxies
+    to that service, stopped (threads joined) after the test."""
+    factory = ThreadedFaultProxyFactory()
+    _register(request, factory)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
 # A synchronous test never runs an event loop, so an in-loop server from one of
 # its fixtures would never answer: say so before the test hangs on it.
 
@@ -378,9 +498,9 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     excinfo = call.excinfo
     if excinfo is not None and not excinfo.errisinstance(pytest.skip.Exception):
-        servers = _servers_of(item)
-        if servers:
-            transcript = "\n\n".join(server.transcript() for server in servers)
+        made = _made_of(item)
+        if made:
+            transcript = "\n\n".join(each.transcript() for each in made)
             item.add_report_section(call.when, "aioserver", transcript)
     return (yield)
 

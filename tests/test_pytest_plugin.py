@@ -8,7 +8,10 @@ and the outer pytest-asyncio does not meddle with the inner one.
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,15 +29,21 @@ pytest_plugins = ["pytester"]
 RUN_TIMEOUT = 50
 
 # Checks, after every fixture's teardown, that what it made was stopped: no task
-# left on the server's loop, no listening socket, no thread; reports the count.
+# left on the server's (or proxy's) loop, no listening socket, no thread; reports
+# the count.
 CONFTEST = """
 import asyncio
 import threading
 
 import pytest
 
-from aioserver.pytest_plugin import ServerFactory, ThreadedServerFactory
-from aioserver.testing import TestServer, ThreadedTestServer
+from aioserver.pytest_plugin import (
+    FaultProxyFactory,
+    ServerFactory,
+    ThreadedFaultProxyFactory,
+    ThreadedServerFactory,
+)
+from aioserver.testing import FaultProxy, TestServer, ThreadedFaultProxy, ThreadedTestServer
 
 checked = []
 
@@ -48,6 +57,8 @@ def pytest_fixture_post_finalizer(fixturedef, request):
     value = cached[0]
     if isinstance(value, (ServerFactory, ThreadedServerFactory)):
         servers = value.servers
+    elif isinstance(value, (FaultProxyFactory, ThreadedFaultProxyFactory)):
+        servers = value.proxies
     else:
         servers = [value]
     for server in servers:
@@ -61,6 +72,17 @@ def pytest_fixture_post_finalizer(fixturedef, request):
             assert not server.is_serving
             assert server.loop is None
             assert "aioserver-test-server" not in [t.name for t in threading.enumerate()]
+            checked.append(server)
+        elif isinstance(server, FaultProxy):
+            assert not server.is_serving
+            assert all(record.ended is not None for record in server.connections)
+            pending = [task for task in asyncio.all_tasks(server.loop) if not task.done()]
+            assert pending == [], pending
+            checked.append(server)
+        elif isinstance(server, ThreadedFaultProxy):
+            assert not server.is_serving
+            assert server.loop is None
+            assert "aioserver-fault-proxy" not in [t.name for t in threading.enumerate()]
             checked.append(server)
 
 
@@ -428,13 +450,107 @@ def test_check_after_the_test_fails_it_and_failures_show_the_transcript(
     )
 
 
+# The fault proxy's fixtures, in-loop (on the test's loop, whatever its scope) and
+# threaded; a synchronous test asking for the in-loop one; a failure's report.
+PROXY_TESTS = (
+    HELPERS
+    + """
+from aioserver.testing import ProxyEnding, ProxyFaults
+
+
+@pytest.mark.asyncio
+async def test_fault_proxy_factory(echo_server, fault_proxy_factory):
+    proxy = await fault_proxy_factory(echo_server.address, downstream=ProxyFaults(limit_data=2))
+    assert proxy.loop is asyncio.get_running_loop()
+    assert await talk(proxy.address, b"abc") == b"ab"
+    (record,) = await proxy.wait_for_closed(1)
+    assert (record.to_service, record.to_client) == (b"abc", b"ab")
+    assert record.ended is ProxyEnding.CLOSED_BY_FAULT
+    assert fault_proxy_factory.proxies == [proxy]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_fault_proxy_factory_on_a_module_loop(echo_server, fault_proxy_factory):
+    proxy = await fault_proxy_factory(echo_server.address)
+    assert proxy.loop is asyncio.get_running_loop()
+    assert await talk(proxy.address, b"module") == b"module"
+
+
+def test_threaded_fault_proxy_factory(threaded_echo_server, threaded_fault_proxy_factory):
+    proxy = threaded_fault_proxy_factory(
+        threaded_echo_server.address, loop="asyncio", upstream=ProxyFaults(latency=0.05)
+    )
+    assert talk_blocking(proxy.address, b"sync") == b"sync"
+    (record,) = proxy.wait_for_closed(1)
+    assert (record.to_service, record.upstream_faults) == (b"sync", ("latency",))
+
+
+def test_sync_test_asks_for_the_in_loop_factory(fault_proxy_factory):
+    pass
+
+
+@pytest.mark.asyncio
+async def test_a_failure_shows_what_the_proxy_carried(echo_server, fault_proxy_factory):
+    proxy = await fault_proxy_factory(echo_server.address)
+    assert await talk(proxy.address, b"seen") == b"not this"
+"""
+)
+
+
+def test_fault_proxy_fixtures(pytester: pytest.Pytester) -> None:
+    make_project(pytester, STRICT_INI)
+    pytester.makepyfile(test_proxy=PROXY_TESTS)
+    result = run(pytester, "-rfE")
+    result.assert_outcomes(passed=3, failed=1, errors=1)
+    # 4 echo servers and 4 proxies, each stopped with nothing left behind.
+    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 8"])
+    result.stdout.fnmatch_lines(
+        [
+            "*fault_proxy_factory runs on the event loop of an asyncio test, but "
+            "test_proxy.py::test_sync_test_asks_for_the_in_loop_factory is not one*"
+            "threaded_fault_proxy_factory*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_a_failure_shows_what_the_proxy_carried*",
+            "*Captured aioserver call*",
+            "<TestServer echo 127.0.0.1:* serving>, 1 connection(s):",
+            "*",
+            "<FaultProxy 127.0.0.1:* -> 127.0.0.1:* serving>, 1 connection(s):",
+            "connection #0 from 127.0.0.1:*, client closed:",
+            "  from the client 4 bytes: b'seen'",
+            "  to the service 4 bytes: b'seen'",
+            "  from the service 4 bytes: b'seen'",
+            "  to the client 4 bytes: b'seen'",
+        ]
+    )
+
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+# What a README test module may import besides the standard library: what an
+# empty project that installs only aioserver (with its pytest extra) has, and
+# redis-py for the fault proxy's example.
+README_PACKAGES = {"aioserver", "pytest", "pytest_asyncio", "redis"}
 
 
-def readme_example() -> str:
-    """The test module in the README's "Use it in your tests" section."""
-    section = README.read_text().split("## Use it in your tests", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+def readme_test_modules() -> list[str]:
+    """Every test module (python block) of the README's "Use it in your tests" section."""
+    section = README.read_text().split("## Use it in your tests", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def imported_packages(module: str) -> set[str]:
+    return {name.split(".")[0] for name in re.findall(r"^(?:from|import) (\w[\w.]*)", module, re.M)}
+
+
+def test_the_readme_modules_import_only_aioserver_pytest_and_redis() -> None:
+    modules = readme_test_modules()
+    assert len(modules) >= 2, "expected the README's test modules, the fault proxy's among them"
+    for module in modules:
+        imported = imported_packages(module)
+        assert imported - README_PACKAGES <= set(sys.stdlib_module_names), imported
+    assert any("FaultProxyFactory" in module for module in modules)
 
 
 def make_project(pytester: pytest.Pytester, ini: str, conftest: str = CONFTEST) -> None:
@@ -524,14 +640,20 @@ def test_misuse_fails_with_a_clear_message(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize("mode", ["strict", "auto"])
-def test_the_readme_example_passes(pytester: pytest.Pytester, mode: str) -> None:
+@pytest.mark.parametrize("number", range(len(readme_test_modules())))
+def test_the_readme_example_passes(pytester: pytest.Pytester, mode: str, number: int) -> None:
+    module = readme_test_modules()[number]
+    if "redis" in imported_packages(module) and shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
     make_project(
         pytester, f"asyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
     )
-    pytester.makepyfile(test_readme=readme_example())
+    pytester.makepyfile(test_readme=module)
     result = run(pytester)
-    result.assert_outcomes(passed=5)
-    result.stdout.fnmatch_lines(["aioserver servers checked after teardown: 5"])
+    tests = len(re.findall(r"^(?:async )?def test_", module, re.M))
+    result.assert_outcomes(passed=tests)
+    # Each test there uses one server or proxy from the fixtures, stopped cleanly.
+    result.stdout.fnmatch_lines([f"aioserver servers checked after teardown: {tests}"])
 
 
 # The fixtures in this very suite too: strict mode, each test on asyncio and uvloop.

@@ -20,6 +20,15 @@ which message (a server made with handler None answers only so); `server.check()
 raises AssertionError naming unexpected messages, one-shot or ordered expectations
 not met and handler errors, with a transcript of the connections involved.
 
+`FaultProxy` (and `ThreadedFaultProxy`) puts the same kind of faults in front of
+any TCP service, a real Redis or PostgreSQL as well as a test server: it forwards
+each connection to the service and applies the `ProxyFaults` of each direction
+(`proxy.upstream`, client -> service; `proxy.downstream`, service -> client):
+latency with jitter, bandwidth, slicing, timeout, limit_data, reset_peer and
+slow_close, Toxiproxy's toxics, aimed by an `Aim`; each connection is recorded as
+a `ProxyRecord` (the bytes each way, before and after the faults, and its
+`ProxyEnding`).
+
 Stopping goes through `aioserver.Server.stop()`: the listening socket closes, every
 connection task is cancelled and awaited, every socket is closed.
 """
@@ -29,7 +38,8 @@ connection task is cancelled and awaited, every socket is closed.
 # the book of expectations, framing by delimiter), listener (the listening
 # aioserver.Server, refusing and listening again on one port), base
 # (TestServerBase: what both servers share), server (TestServer, in-loop) and
-# threaded (ThreadedTestServer, on a loop in its own thread). The names imported
+# threaded (ThreadedTestServer, on a loop in its own thread), fault_proxy
+# (FaultProxy, ThreadedFaultProxy, their faults and records). The names imported
 # "as" themselves are internal ones that the former single module testing.py
 # defined, importable from here as they were; they are not part of the API.
 from ..protocols import echo, thanks
@@ -37,6 +47,15 @@ from .base import DEFAULT_WAIT_TIMEOUT, TEST_SHUTDOWN_TIMEOUT, ServerOptions
 from .base import _check_wait as _check_wait
 from .base import _handler_name as _handler_name
 from .expectations import Expectation, UnexpectedMessage
+from .fault_proxy import (
+    DEFAULT_CONNECT_TIMEOUT,
+    FaultProxy,
+    ProxyEnding,
+    ProxyFaults,
+    ProxyOptions,
+    ProxyRecord,
+    ThreadedFaultProxy,
+)
 from .faults import _LINGER_RESET as _LINGER_RESET
 from .faults import Aim, Faults
 from .faults import _FaultyWriter as _FaultyWriter
@@ -53,15 +72,22 @@ from .threaded import _T as _T
 from .threaded import ThreadedTestServer
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_WAIT_TIMEOUT",
     "TEST_SHUTDOWN_TIMEOUT",
     "Aim",
     "ConnectionRecord",
     "Ending",
     "Expectation",
+    "FaultProxy",
     "Faults",
+    "ProxyEnding",
+    "ProxyFaults",
+    "ProxyOptions",
+    "ProxyRecord",
     "ServerOptions",
     "TestServer",
+    "ThreadedFaultProxy",
     "ThreadedTestServer",
     "UnexpectedMessage",
     "WrongLoopError",
