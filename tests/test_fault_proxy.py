@@ -39,7 +39,7 @@ from aioserver.testing import (
     ThreadedFaultProxy,
     ThreadedTestServer,
 )
-from aioserver.testing.fault_proxy import _vary
+from aioserver.testing.proxy_faults import _vary
 
 from .helpers import LOOPS, close, open_fds, talk, wait_until
 

@@ -33,42 +33,44 @@ Stopping goes through `aioserver.Server.stop()`: the listening socket closes, ev
 connection task is cancelled and awaited, every socket is closed.
 """
 
-# The modules, by role: recording (ConnectionRecord, Ending, the waits), faults
-# (Faults, and the reader and writer that apply them), expectations (Expectation,
-# the book of expectations, framing by delimiter), listener (the listening
-# aioserver.Server, refusing and listening again on one port), base
-# (TestServerBase: what both servers share), server (TestServer, in-loop) and
-# threaded (ThreadedTestServer, on a loop in its own thread), fault_proxy
-# (FaultProxy, ThreadedFaultProxy, their faults and records). The names imported
+# The modules, by role: recording (ConnectionRecord, Ending, the waits, the
+# transcript), faults (Aim, Faults, and the reader and writer that apply them),
+# expectations (Expectation, the book of expectations, framing by delimiter),
+# listener (the listening aioserver.Server, refusing and listening again on one
+# port), lifecycle (_ListeningBase: the state, listener, address, records and
+# waits that test servers and fault proxies share), in_loop (_InLoop and
+# WrongLoopError: the public methods on the loop that started it), in_thread
+# (_Threaded: the same on its own loop in a thread, blocking), base
+# (TestServerBase: what both test servers share), server (TestServer, in-loop),
+# threaded (ThreadedTestServer, in a thread), proxy_faults (ProxyFaults, one
+# direction's faults), proxy_recording (ProxyRecord, ProxyEnding), proxied (one
+# proxied connection, carried each way through its faults) and fault_proxy
+# (FaultProxy, in-loop, and ThreadedFaultProxy, in a thread). The names imported
 # "as" themselves are internal ones that the former single module testing.py
 # defined, importable from here as they were; they are not part of the API.
 from ..protocols import echo, thanks
-from .base import DEFAULT_WAIT_TIMEOUT, TEST_SHUTDOWN_TIMEOUT, ServerOptions
-from .base import _check_wait as _check_wait
+from .base import ServerOptions
 from .base import _handler_name as _handler_name
 from .expectations import Expectation, UnexpectedMessage
-from .fault_proxy import (
-    DEFAULT_CONNECT_TIMEOUT,
-    FaultProxy,
-    ProxyEnding,
-    ProxyFaults,
-    ProxyOptions,
-    ProxyRecord,
-    ThreadedFaultProxy,
-)
+from .fault_proxy import DEFAULT_CONNECT_TIMEOUT, FaultProxy, ProxyOptions, ThreadedFaultProxy
 from .faults import _LINGER_RESET as _LINGER_RESET
 from .faults import Aim, Faults
 from .faults import _FaultyWriter as _FaultyWriter
 from .faults import _Link as _Link
 from .faults import _peer as _peer
 from .faults import _RecordingReader as _RecordingReader
+from .in_loop import WrongLoopError
+from .in_loop import _wrong_loop_message as _wrong_loop_message
+from .in_thread import _T as _T
+from .lifecycle import DEFAULT_WAIT_TIMEOUT, TEST_SHUTDOWN_TIMEOUT
+from .lifecycle import _check_wait as _check_wait
 from .listener import _placeholder as _placeholder
+from .proxy_faults import ProxyFaults
+from .proxy_recording import ProxyEnding, ProxyRecord
 from .recording import ConnectionRecord, Ending
 from .recording import _Live as _Live
 from .recording import _Recording as _Recording
-from .server import TestServer, WrongLoopError
-from .server import _wrong_loop_message as _wrong_loop_message
-from .threaded import _T as _T
+from .server import TestServer
 from .threaded import ThreadedTestServer
 
 __all__ = [

@@ -1,24 +1,21 @@
-"""What both test servers share: options, state, records and the read-only API.
+"""What both test servers share: options, handler, faults, expectations, records.
 
-`TestServerBase` holds a test server's handler, faults and options, its state
-("new" -> "starting" -> "serving" <-> "refusing" or "blackholing" -> "stopped"),
-its address and its recording. It answers the read-only API (where it is, what it
-saw) alike for every server, checks the waits' arguments, words the errors, and has
-the coroutines that change the state on the server's loop: `_start_serving`,
-`_stop_serving`, `_refuse_connections`, `_blackhole_connections` and
-`_accept_connections`. A subclass says on which loop they
-run and how its public methods reach them: `TestServer` awaits them on the loop of
-the code that uses it, `ThreadedTestServer` runs them on its own loop in a thread
-and blocks until they are done.
+`TestServerBase` is a `_ListeningBase` (lifecycle.py: the state, the listener,
+the address, the recording and the coroutines that change the state) that holds
+a test server's handler, faults, options and expectations, serves each
+connection with them, and checks what went wrong (`check()`). A mixin says on
+which loop the server runs and how its public methods reach it: `TestServer` is
+`_InLoop` (awaited on the loop of the code that uses it), `ThreadedTestServer` is
+`_Threaded` (on its own loop in a thread, blocking until done).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import ssl as ssl_module
 import traceback
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypedDict, cast
 
 from ..connection import Connection
@@ -36,15 +33,8 @@ from .expectations import (
     _TooLong,
 )
 from .faults import Faults, _FaultyWriter, _peer, _serve_with_faults, aimed
-from .listener import _Listener
-from .recording import ConnectionRecord, Ending, _Recording, _transcript
-
-# Five seconds: loopback traffic needs milliseconds, and a wait that can never
-# succeed fails with its own message well inside a per-test timeout.
-DEFAULT_WAIT_TIMEOUT = 5.0
-# One second: a test client takes its last replies at once or never will, so a
-# stop never holds a test back longer than this.
-TEST_SHUTDOWN_TIMEOUT = 1.0
+from .lifecycle import TEST_SHUTDOWN_TIMEOUT, _ListeningBase
+from .recording import ConnectionRecord, Ending, _Recording, _served, _transcript
 
 
 class ServerOptions(TypedDict, total=False):
@@ -63,13 +53,6 @@ class ServerOptions(TypedDict, total=False):
     expectations: bool
 
 
-def _check_wait(n: int, timeout: float) -> None:
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an integer >= 0, not {n!r}")
-    if timeout < 0:
-        raise ValueError(f"timeout must not be negative, not {timeout!r}")
-
-
 def _handler_name(handler: Handler | None) -> str:
     if handler is None:
         return "expectations"
@@ -80,7 +63,7 @@ def _handler_name(handler: Handler | None) -> str:
 TRACEBACK_CHARS = 4000
 
 
-class TestServerBase:
+class TestServerBase(_ListeningBase[ConnectionRecord]):
     """A recording, fault-injecting TCP server: what TestServer and ThreadedTestServer share.
 
     The options are TestServer's (see there). Not used directly: a subclass runs
@@ -89,7 +72,6 @@ class TestServerBase:
 
     __test__ = False  # a helper, not a test class, though pytest would collect the name
     _kind: ClassVar[str] = "TestServerBase"
-    """The class name that repr and error messages show (kept by subclasses)."""
 
     def __init__(
         self,
@@ -109,15 +91,7 @@ class TestServerBase:
     ) -> None:
         _check_delimiter(delimiter)
         _check_unexpected(unexpected)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(
-                f"host must be an IP address such as 127.0.0.1, not {host!r}"
-            ) from None
-        self._handler = handler
-        self._faults = faults if faults is not None else Faults()
-        self._options: dict[str, Any] = {
+        options: dict[str, Any] = {
             "max_connections": max_connections,
             "idle_timeout": idle_timeout,
             "max_message_size": max_message_size,
@@ -125,26 +99,27 @@ class TestServerBase:
             "ssl": ssl,
             "reuse_port": True,  # lets a placeholder hold the port while refusing
         }
-        self._listener = _Listener(
-            self._serve_connection, self._choose_tls, host, port, self._options
+        super().__init__(
+            self._serve_connection, self._choose_tls, host, port, options, _Recording(delimiter)
         )
+        self._handler = handler
+        self._faults = faults if faults is not None else Faults()
         # On a TLS server, the faults' aim is decided before the handshake; the
         # decision waits here for the handler, by the connection's socket.
         self._aimed: dict[int, Faults] = {}
-        self._host = host
-        self._port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._state = "new"  # -> starting -> serving <-> refusing/blackholing -> stopped
-        self._recording = _Recording(delimiter)
         self._delimiter = delimiter
         self._unexpected = unexpected
         self._expectations_on = expectations
         self._book = _Book()
-        self._stop_done: asyncio.Future[None] | None = None
 
-    def __repr__(self) -> str:
-        where = f"{self._host}:{self._port}" if self._port is not None else self._host
-        return f"<{self._kind} {_handler_name(self.handler)} {where} {self._state}>"
+    def _describe(self) -> str:
+        return f"{_handler_name(self.handler)} {self._where()}"
+
+    def _records(self) -> list[ConnectionRecord]:
+        return self._recording.connections()
+
+    def _transcribe(self, records: Sequence[ConnectionRecord]) -> str:
+        return _transcript(records, _served, error_label="handler error")
 
     # What it runs.
 
@@ -164,6 +139,11 @@ class TestServerBase:
     def delimiter(self) -> bytes | None:
         """What ends a message (None: each chunk as it arrives is a message)."""
         return self._delimiter
+
+    @property
+    def faults(self) -> Faults:
+        """The faults applied from now on: switch them on and off at run time."""
+        return self._faults
 
     # Expectations.
 
@@ -245,129 +225,17 @@ class TestServerBase:
         shown = [r for r in records if r.index in involved]
         if shown:
             message.append("transcript of the connections involved:")
-            message.append(_transcript(shown))
+            message.append(self._transcribe(shown))
         raise AssertionError("\n".join(message))
 
-    def transcript(self) -> str:
-        """What each connection received and sent: 2 KiB each way, the last 20."""
-        return f"{self!r}, {len(self.connections)} connection(s):\n" + _transcript(self.connections)
-
-    @property
-    def faults(self) -> Faults:
-        """The faults applied from now on: switch them on and off at run time."""
-        return self._faults
-
-    # Where it is.
-
-    @property
-    def host(self) -> str:
-        return self._host
-
-    @property
-    def port(self) -> int:
-        """The bound port; it stays the same while refusing and after accept_connections.
-
-        Raises RuntimeError before start.
-        """
-        if self._port is None:
-            raise RuntimeError(f"{self!r} has no port yet: start it first")
-        return self._port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(host, port), as socket.create_connection and open_connection take them."""
-        return self.host, self.port
-
-    @property
-    def is_serving(self) -> bool:
-        """True while accepting: started, not refusing, not stopped."""
-        return self._state == "serving"
-
-    @property
-    def is_refusing(self) -> bool:
-        return self._state == "refusing"
-
-    @property
-    def is_blackholing(self) -> bool:
-        """True after `blackhole_connections()`, until `accept_connections()`."""
-        return self._state == "blackholing"
-
     # What it saw.
-
-    @property
-    def connections(self) -> list[ConnectionRecord]:
-        """A record of every connection accepted so far, in accept order."""
-        return self._recording.connections()
 
     @property
     def messages(self) -> list[bytes]:
         """Every message (line) received so far on any connection, in arrival order."""
         return self._recording.messages()
 
-    # The waits, for the subclasses' public ones: `what` is "connections",
-    # "messages" or "closed" (connections that ended).
-
-    async def _wait(self, what: str, n: int, seconds: float) -> None:
-        """Wait on the server's loop until at least `n` of `what` were recorded."""
-        _check_wait(n, seconds)
-        await self._recording.wait(what, n, seconds)
-
-    def _wait_blocking(self, what: str, n: int, timeout: float) -> None:
-        """Block this thread (not the server's) until at least `n` of `what` were recorded."""
-        _check_wait(n, timeout)
-        self._recording.wait_blocking(what, n, timeout)
-
-    # Life, on the server's loop.
-
-    async def _start_serving(self) -> None:
-        """Bind and start accepting on the running loop. OSError when the address is taken."""
-        if self._state != "new":
-            raise RuntimeError(f"{self!r}: a {self._kind} starts once")
-        self._loop = asyncio.get_running_loop()
-        self._state = "starting"
-        try:
-            self._host, self._port = await self._listener.start()
-        except BaseException:
-            self._state = "stopped"
-            raise
-        self._state = "serving"
-
-    async def _stop_serving(self) -> None:
-        """Stop as `aioserver.Server.stop()` does; a second call waits for the first."""
-        if self._stop_done is not None:
-            await asyncio.shield(self._stop_done)
-            return
-        self._stop_done = asyncio.get_running_loop().create_future()
-        self._state = "stopped"
-        try:
-            await self._listener.stop()
-        finally:
-            self._stop_done.set_result(None)
-
-    async def _refuse_connections(self) -> None:
-        """Stop listening, keeping the port; harmless when already refusing."""
-        if self._state == "refusing":
-            return
-        self._require("serving", "refuse_connections")
-        self._state = "refusing"
-        await self._listener.refuse()
-
-    async def _blackhole_connections(self) -> None:
-        """Stop accepting, keeping the port with a full backlog; harmless when already so."""
-        if self._state == "blackholing":
-            return
-        self._require("serving", "blackhole_connections")
-        self._state = "blackholing"
-        await self._listener.blackhole()
-
-    async def _accept_connections(self) -> None:
-        """Listen again on the same port; harmless when already serving."""
-        if self._state == "serving":
-            return
-        if self._state != "blackholing":
-            self._require("refusing", "accept_connections")
-        await self._listener.listen_again(self._host, self.port)
-        self._state = "serving"
+    # Serving a connection, on the server's loop.
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -456,12 +324,6 @@ class TestServerBase:
             writer.write(action.data)
             await writer.drain()
         return True
-
-    # Errors.
-
-    def _require(self, state: str, what: str) -> None:
-        if self._state != state:
-            raise RuntimeError(f"{what}: {self!r} is not {state}")
 
 
 # A TLS record (type 21: alert, version 3.3, 2 bytes): fatal (2), handshake_failure (40).

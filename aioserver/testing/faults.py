@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import math
 import random
 import socket
@@ -21,8 +22,8 @@ import ssl as ssl_module
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Generic, TypeVar, cast, overload
 
 from ..protocols import Handler, rule_for, serve_rule
 from .recording import Ending, _Live, _Recording
@@ -138,22 +139,87 @@ def _check_count(name: str, value: int | None, *, least: int = 0) -> int | None:
     return value
 
 
-# The faults, by name, in the order repr shows them, with their "off" values.
-_OFF: dict[str, object] = {
-    "delay": 0.0,
-    "close_after": None,
-    "reset": False,
-    "stall": False,
-    "bandwidth": None,
-    "slice_size": None,
-    "slice_delay": 0.0,
-    "half_close_after": None,
-    "slow_close": 0.0,
-    "fail_tls": False,
-}
+_V = TypeVar("_V")
 
 
-class Faults:
+class _Setting(Generic[_V]):
+    """One switch of a `_Switches`: `check(name, value)` validates each value set,
+    kept in the slot "_<name>"."""
+
+    def __init__(self, check: Callable[[str, Any], _V]) -> None:
+        self._check = check
+        self._name = self._slot = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name, self._slot = name, f"_{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Setting[_V]: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _V: ...
+    def __get__(self, obj: object | None, owner: type | None = None) -> _V | _Setting[_V]:
+        if obj is None:
+            return self
+        return cast(_V, getattr(obj, self._slot))
+
+    def __set__(self, obj: object, value: _V) -> None:
+        setattr(obj, self._slot, self._check(self._name, value))
+
+
+def _seconds() -> _Setting[float]:
+    """A switch of seconds >= 0."""
+    return _Setting(_check_seconds)
+
+
+def _count(*, least: int = 0) -> _Setting[int | None]:
+    """A switch of None or an integer >= least."""
+    return _Setting(functools.partial(_check_count, least=least))
+
+
+class _Switches:
+    """Switches aimed at connections by an `Aim`: what `Faults` and `ProxyFaults` share.
+
+    `_off` names the switches, in the order repr shows them, with their "off"
+    values; a subclass's `__init__` sets `connections` after the switches.
+    """
+
+    __slots__ = ("_connections", "_lock", "_seen")
+    _off: ClassVar[dict[str, object]] = {}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @property
+    def connections(self) -> Aim:
+        """Which connections the faults apply to; setting it starts the count over."""
+        return self._connections
+
+    @connections.setter
+    def connections(self, aim: Aim) -> None:
+        if not isinstance(aim, Aim):
+            raise ValueError(f"connections must be an Aim, not {aim!r}")
+        with self._lock:
+            self._connections = aim
+            self._seen = 0
+
+    def _aim_next(self) -> bool:
+        """At an accept: whether the faults apply to this new connection."""
+        with self._lock:
+            count, self._seen = self._seen, self._seen + 1
+            return self._connections.hits(count)
+
+    def _on(self) -> tuple[str, ...]:
+        """The names of the faults switched on now."""
+        return tuple(name for name, off in self._off.items() if getattr(self, name) != off)
+
+    def clear(self) -> None:
+        """Switch every fault off, and aim at all connections again."""
+        for name, off in self._off.items():
+            setattr(self, name, off)
+        self.connections = Aim.all()
+
+
+class Faults(_Switches):
     """The faults a test server injects; change them at any time, from any thread.
 
     Each setting is read when it applies, so a change takes effect from the next
@@ -200,11 +266,8 @@ class Faults:
     __slots__ = (
         "_bandwidth",
         "_close_after",
-        "_connections",
         "_delay",
         "_half_close_after",
-        "_lock",
-        "_seen",
         "_slice_delay",
         "_slice_size",
         "_slow_close",
@@ -212,6 +275,27 @@ class Faults:
         "reset",
         "stall",
     )
+    # The switches, each checked when set (kept in the slots above).
+    delay = _seconds()
+    close_after = _count()
+    bandwidth = _count(least=1)
+    slice_size = _count(least=1)
+    slice_delay = _seconds()
+    half_close_after = _count()
+    slow_close = _seconds()
+    # The faults, by name, in the order repr shows them, with their "off" values.
+    _off: ClassVar[dict[str, object]] = {
+        "delay": 0.0,
+        "close_after": None,
+        "reset": False,
+        "stall": False,
+        "bandwidth": None,
+        "slice_size": None,
+        "slice_delay": 0.0,
+        "half_close_after": None,
+        "slow_close": 0.0,
+        "fail_tls": False,
+    }
 
     def __init__(
         self,
@@ -228,7 +312,7 @@ class Faults:
         fail_tls: bool = False,
         connections: Aim | None = None,
     ) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self.delay = delay
         self.close_after = close_after
         self.reset = reset
@@ -241,96 +325,11 @@ class Faults:
         self.fail_tls = fail_tls
         self.connections = connections if connections is not None else Aim.all()
 
-    @property
-    def delay(self) -> float:
-        return self._delay
-
-    @delay.setter
-    def delay(self, value: float) -> None:
-        self._delay = _check_seconds("delay", value)
-
-    @property
-    def close_after(self) -> int | None:
-        return self._close_after
-
-    @close_after.setter
-    def close_after(self, value: int | None) -> None:
-        self._close_after = _check_count("close_after", value)
-
-    @property
-    def bandwidth(self) -> int | None:
-        return self._bandwidth
-
-    @bandwidth.setter
-    def bandwidth(self, value: int | None) -> None:
-        self._bandwidth = _check_count("bandwidth", value, least=1)
-
-    @property
-    def slice_size(self) -> int | None:
-        return self._slice_size
-
-    @slice_size.setter
-    def slice_size(self, value: int | None) -> None:
-        self._slice_size = _check_count("slice_size", value, least=1)
-
-    @property
-    def slice_delay(self) -> float:
-        return self._slice_delay
-
-    @slice_delay.setter
-    def slice_delay(self, value: float) -> None:
-        self._slice_delay = _check_seconds("slice_delay", value)
-
-    @property
-    def half_close_after(self) -> int | None:
-        return self._half_close_after
-
-    @half_close_after.setter
-    def half_close_after(self, value: int | None) -> None:
-        self._half_close_after = _check_count("half_close_after", value)
-
-    @property
-    def slow_close(self) -> float:
-        return self._slow_close
-
-    @slow_close.setter
-    def slow_close(self, value: float) -> None:
-        self._slow_close = _check_seconds("slow_close", value)
-
-    @property
-    def connections(self) -> Aim:
-        """Which connections the faults apply to; setting it starts the count over."""
-        return self._connections
-
-    @connections.setter
-    def connections(self, aim: Aim) -> None:
-        if not isinstance(aim, Aim):
-            raise ValueError(f"connections must be an Aim, not {aim!r}")
-        with self._lock:
-            self._connections = aim
-            self._seen = 0
-
-    def _aim_next(self) -> bool:
-        """At an accept: whether the faults apply to this new connection."""
-        with self._lock:
-            count, self._seen = self._seen, self._seen + 1
-            return self._connections.hits(count)
-
-    def _on(self) -> tuple[str, ...]:
-        """The names of the faults switched on now."""
-        return tuple(name for name, off in _OFF.items() if getattr(self, name) != off)
-
-    def clear(self) -> None:
-        """Switch every fault off, and aim at all connections again."""
-        for name, off in _OFF.items():
-            setattr(self, name, off)
-        self.connections = Aim.all()
-
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in list(_OFF)[:4])
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in list(self._off)[:4])
         extra = "".join(
             f", {name}={getattr(self, name)!r}"
-            for name, off in list(_OFF.items())[4:]
+            for name, off in list(self._off.items())[4:]
             if getattr(self, name) != off
         )
         aim = "" if self.connections == Aim.all() else f", connections={self.connections!r}"

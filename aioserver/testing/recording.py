@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 
 class Ending(enum.Enum):
@@ -110,7 +111,7 @@ class _Recording:
     """Every connection of one test server, and the waits on them.
 
     The waits take `what` ("connections", "messages" or "closed") and expect
-    arguments the server has checked (`base._check_wait`).
+    arguments the server has checked (`lifecycle._check_wait`).
     """
 
     def __init__(self, delimiter: bytes | None = b"\n") -> None:
@@ -238,13 +239,32 @@ def _bounded(data: bytes, limit: int) -> str:
     return f"{data[:limit]!r} ... and {len(data) - limit} more bytes"
 
 
+class _Transcribed(Protocol):
+    """What a transcript reads of a record (`ConnectionRecord`, `ProxyRecord`)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def ended(self) -> enum.Enum | None: ...
+    @property
+    def error(self) -> BaseException | None: ...
+
+
+_R = TypeVar("_R", bound=_Transcribed)
+
+
 def _transcript(
-    records: list[ConnectionRecord],
+    records: Sequence[_R],
+    flows: Callable[[_R], Iterable[tuple[str, bytes]]],
     *,
+    error_label: str = "error",
     max_bytes: int = TRANSCRIPT_BYTES,
     max_connections: int = TRANSCRIPT_CONNECTIONS,
 ) -> str:
-    """Per connection: peer, how it ended, bytes received and sent, each bounded."""
+    """Per connection: peer, how it ended, its `flows` (label, bytes), each bounded,
+    and its error."""
     if not records:
         return "no connections"
     lines = []
@@ -255,10 +275,13 @@ def _transcript(
         host, port = record.peer
         ended = "open" if record.ended is None else record.ended.value
         lines.append(f"connection #{record.index} from {host}:{port}, {ended}:")
-        lines.append(
-            f"  received {len(record.received)} bytes: {_bounded(record.received, max_bytes)}"
-        )
-        lines.append(f"  sent {len(record.sent)} bytes: {_bounded(record.sent, max_bytes)}")
+        for label, data in flows(record):
+            lines.append(f"  {label} {len(data)} bytes: {_bounded(data, max_bytes)}")
         if record.error is not None:
-            lines.append(f"  handler error: {record.error!r}")
+            lines.append(f"  {error_label}: {record.error!r}")
     return "\n".join(lines)
+
+
+def _served(record: ConnectionRecord) -> tuple[tuple[str, bytes], ...]:
+    """A test server's connection in a transcript: what it received and sent."""
+    return (("received", record.received), ("sent", record.sent))
