@@ -13,7 +13,8 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     if "$venv/bin/python" -m pip show --quiet aioserver >/dev/null 2>&1; then
         "$venv/bin/python" -m pip uninstall --quiet --yes aioserver >/dev/null
     fi
-    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]"; then
+    # The bench extra too: tests/test_bench.py runs the bench's peers (gevent, Twisted, trio).
+    if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test,bench]"; then
         echo "scripts: installing into $venv failed" >&2
         exit 1
     fi

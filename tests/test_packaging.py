@@ -110,6 +110,8 @@ def test_the_sdist_has_the_package_the_tests_and_what_they_read(dists: Dists) ->
     expected |= repo_files("aioserver/**/*.py") | repo_files("tests/*.py")
     expected |= {"docs/benchmarks.md", "docs/bench-results.json"}  # README links them
     expected |= {"scripts/serve", "scripts/test", "scripts/_venv.sh", "scripts/bench"}
+    expected |= repo_files("scripts/benchmark/*.py")
+    expected |= {"docs/bench-instructions.json"}
     # tests/test_bench.py reads these and runs scripts/bench, which builds the C ones.
     expected |= repo_files("scripts/bench_*.py") | repo_files("scripts/bench_*.c")
     assert expected <= names, sorted(expected - names)
@@ -118,7 +120,8 @@ def test_the_sdist_has_the_package_the_tests_and_what_they_read(dists: Dists) ->
 
 def test_the_sdist_has_every_file_scripts_bench_starts(dists: Dists) -> None:
     names = set(sdist_members(dists))
-    started = set(re.findall(r"\bbench_\w+", (ROOT / "scripts" / "bench").read_text()))
+    sources = [ROOT / "scripts" / "bench", *(ROOT / "scripts" / "benchmark").glob("*.py")]
+    started = {name for path in sources for name in re.findall(r"\bbench_\w+", path.read_text())}
     assert started, "scripts/bench names none of its servers any more"
     for stem in started:
         assert {f"scripts/{stem}.c", f"scripts/{stem}.py"} & names, stem
