@@ -37,6 +37,7 @@ from .protocols import (
     READ_CHUNK,
     EchoRule,
     Handler,
+    ThanksRule,
     busy_reply,
     rule_for,
 )
@@ -290,6 +291,10 @@ class Server:
         self._access_log_cert: LogSite | None = None
         # Set at start on asyncio's own loop (see SharedBufferReads).
         self.read_buffer = memoryview(b"")
+        # The class of every connection: set at start, once the loop is known;
+        # and echo's rule, which keeps no state, for every connection.
+        self._connection_class: type[Connection] = Connection
+        self._shared_rule: EchoRule | None = None
         self.stopping = False
         # The registry: connections admitted, and those being turned away.
         self._connections: set[Connection] = set()
@@ -363,6 +368,18 @@ class Server:
         if self._servers or self.stopping:
             raise RuntimeError("a Server starts once")
         self.loop = asyncio.get_running_loop()
+        if isinstance(self.loop, asyncio.SelectorEventLoop):
+            self.read_buffer = memoryview(bytearray(READ_CHUNK))
+        # Who answers decides the class of every connection.
+        rule = rule_for(self.handler, self.max_message_size)
+        if rule is None:
+            answers = "handler"
+        elif isinstance(rule, EchoRule):
+            answers = "echo"
+        else:
+            answers = "thanks" if isinstance(rule, ThanksRule) else "rule"
+        self._connection_class = connection_class(answers, bool(self.read_buffer))
+        self._shared_rule = rule if isinstance(rule, EchoRule) else None
         # TLS is a phase of each connection (see Connection.begin), not the listener's.
         options: dict[str, Any] = {"limit": self.max_message_size, "backlog": self.backlog}
         bound = []
@@ -406,7 +423,6 @@ class Server:
                 )
         if isinstance(self.loop, asyncio.SelectorEventLoop):
             self._accept_guard = AcceptGuard(self)
-            self.read_buffer = memoryview(bytearray(READ_CHUNK))
         self._fd_room = free_fds()
         interval = min(
             max((self.idle_timeout or FLUSH_TIMEOUT) / IDLE_SWEEPS_PER_TIMEOUT, MIN_SWEEP_INTERVAL),
@@ -540,19 +556,16 @@ class Server:
     ) -> Coroutine[Any, Any, None] | None:
         # Called by start_server's protocol inside connection_made, before any data
         # arrives, so the connection sees every byte from the first.
-        # uvloop's transports have the Transport methods without subclassing it.
-        transport = cast(asyncio.Transport, writer.transport)
-        if self._stopped.is_set():
-            transport.abort()
+        if self.stopping and self._stopped.is_set():
+            writer.transport.abort()
             return None
         if len(self._connections) >= self.max_connections:
             self._turn_away(writer, f"max_connections={self.max_connections} reached")
             return None
-        rule = rule_for(self.handler, self.max_message_size)
-        answers = "handler" if rule is None else "echo" if isinstance(rule, EchoRule) else "rule"
-        kind = connection_class(answers, bool(self.read_buffer))
-        connection = kind(self, writer, rule, reader if rule is None else None)
+        rule = self._shared_rule or rule_for(self.handler, self.max_message_size)
+        connection = self._connection_class(self, writer, rule, reader if rule is None else None)
         if self._checks_at_accept:
+            transport = connection.raw
             refusal = self._admit(connection, _peername(transport), transport)
             if refusal is not None:
                 self._turn_away(writer, *refusal)

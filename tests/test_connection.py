@@ -458,7 +458,10 @@ def test_fake_loop_refuses_a_second_timer_for_one_connection() -> None:
 
 
 @SHARED
-@pytest.mark.parametrize(("answers", "reply"), [("rule", THANKS + b"hi\n"), ("echo", b"hi\n")])
+@pytest.mark.parametrize(
+    ("answers", "reply"),
+    [("rule", THANKS + b"hi\n"), ("thanks", THANKS + b"hi\n"), ("echo", b"hi\n")],
+)
 def test_plain_connection_goes_from_accepted_to_serving(
     answers: str, reply: bytes, shared: bool
 ) -> None:
@@ -472,6 +475,38 @@ def test_plain_connection_goes_from_accepted_to_serving(
     setup.feed(b"hi\n")
     assert setup.transport.written == reply
     assert (conn.bytes_in, conn.bytes_out) == (3, len(reply))
+
+
+@SHARED
+@pytest.mark.parametrize(
+    ("limit", "reads"),
+    [
+        (100, [b"hi\n", b"there\r\n"]),
+        (100, [b"a\nb\n", b"\n\n"]),
+        (100, [b"h", b"i\n", b"next\n"]),
+        (100, [b"a\nb", b"c\n", b"d"]),
+        (9, [b"12345678\n", b"123456789\n", b"x\n"]),
+        (9, [b"1234", b"56789\n"]),
+        (10_000, [b"x" * 5_000 + b"\n", b"y\n"]),
+    ],
+)
+def test_thanks_connection_answers_as_the_rule_does(
+    limit: int, reads: list[bytes], shared: bool
+) -> None:
+    # ThanksConnection answers a read of one whole line itself, and hands the
+    # rest to RuleConnection's path: the client sees no difference.
+    outcomes = []
+    for answers in ("thanks", "rule"):
+        setup = connect(answers, shared=shared, max_message_size=limit)
+        for data in reads:
+            if setup.conn.phase is Phase.SERVING:
+                setup.feed(data)
+        setup.conn.eof_received()
+        conn = setup.conn
+        outcomes.append(
+            (setup.transport.written, conn.bytes_in, conn.bytes_out, conn.phase, conn.reason)
+        )
+    assert outcomes[0] == outcomes[1]
 
 
 @SHARED
