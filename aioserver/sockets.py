@@ -418,7 +418,7 @@ def _check_backlog(backlog: int) -> None:
 
 def format_address(sockname: Any) -> str:
     """A bound address as people write it: 127.0.0.1:80, [::1]:80 or unix:/path."""
-    if isinstance(sockname, str | bytes):
+    if isinstance(sockname, (str, bytes)):  # a tuple: no union built per call
         path = os.fsdecode(sockname)
         return f"unix:{path}"
     host, port = sockname[0], sockname[1]
