@@ -132,8 +132,9 @@ static double percentile_us(double p) {
     return (double)max_ns / 1000.0;
 }
 
-/* utime + stime of a process in seconds, or -1 when it cannot be read. */
-static double proc_cpu_s(int pid) {
+/* utime and stime of a process in seconds (into *user and *sys); -1 when they
+   cannot be read. */
+static double proc_times_s(int pid, double *user, double *sys) {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     FILE *f = fopen(path, "r");
@@ -147,7 +148,10 @@ static double proc_cpu_s(int pid) {
     /* after ")": state(3) ... utime is field 14, stime field 15 */
     if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
         return -1;
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    double tick = (double)sysconf(_SC_CLK_TCK);
+    *user = (double)utime / tick;
+    *sys = (double)stime / tick;
+    return *user + *sys;
 }
 
 /* Seconds this process was runnable but waiting for its CPU (schedstat run_delay):
@@ -349,7 +353,7 @@ static void establish(int n, double limit_s) {
 }
 
 typedef struct {
-    double window, cpu_self, cpu_server, wait;
+    double window, cpu_self, cpu_server, wait, server_user, server_sys;
     cpustat_t before, after;
 } usage_t;
 
@@ -359,12 +363,15 @@ static void print_result(double conn_s, const usage_t *u) {
            "\"requests\": %llu, \"duration_s\": %.6f, \"rps\": %.1f, \"reply_bytes\": %llu, "
            "\"mbps\": %.3f, \"p50_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
            "\"connect_s\": %.4f, \"loadgen_cpu\": %.3f, \"server_cpu\": %.3f, "
-           "\"loadgen_wait\": %.3f, \"cpu_busy\": [",
+           "\"loadgen_wait\": %.3f, \"server_user_us\": %.3f, \"server_sys_us\": %.3f, "
+           "\"cpu_busy\": [",
            opt.mode == MODE_RR ? "rr" : "connect", opt.conns, opt.idle, opt.size,
            (unsigned long long)requests, w, (double)requests / w, (unsigned long long)reply_bytes,
            (double)reply_bytes / w / 1e6, percentile_us(0.50), percentile_us(0.99),
            (double)max_ns / 1000.0, conn_s, u->cpu_self / w,
-           u->cpu_server < 0 ? -1.0 : u->cpu_server / w, u->wait < 0 ? -1.0 : u->wait / w);
+           u->cpu_server < 0 ? -1.0 : u->cpu_server / w, u->wait < 0 ? -1.0 : u->wait / w,
+           u->cpu_server < 0 || !requests ? -1.0 : u->server_user / (double)requests * 1e6,
+           u->cpu_server < 0 || !requests ? -1.0 : u->server_sys / (double)requests * 1e6);
     for (int i = 0; i < u->after.n && i < u->before.n; i++) {
         unsigned long long total = u->after.total[i] - u->before.total[i];
         double busy = total ? (double)(u->after.busy[i] - u->before.busy[i]) / (double)total : 0;
@@ -383,7 +390,7 @@ static void run_load(double conn_s) {
     uint64_t warm_end = start + (uint64_t)(opt.warmup * 1e9);
     uint64_t end = warm_end + (uint64_t)(opt.duration * 1e9);
     uint64_t drain_end = end + 2000000000u;
-    double cpu0 = 0, srv0 = -1, wait0 = 0;
+    double cpu0 = 0, srv0 = -1, wait0 = 0, user0 = 0, sys0 = 0, user1 = 0, sys1 = 0;
     usage_t u = {0};
     int first = opt.mode == MODE_RR ? opt.idle : 0;
     int inflight = opt.conns, stopping = 0;
@@ -404,7 +411,7 @@ static void run_load(double conn_s) {
             read_cpustat(&u.before);
             cpu0 = self_cpu_s();
             wait0 = self_wait_s();
-            srv0 = opt.server_pid ? proc_cpu_s(opt.server_pid) : -1;
+            srv0 = opt.server_pid ? proc_times_s(opt.server_pid, &user0, &sys0) : -1;
         }
         if (!stopping && t >= end) {
             stopping = 1;
@@ -412,7 +419,10 @@ static void run_load(double conn_s) {
             u.window = (double)(t - warm_end) / 1e9;
             u.cpu_self = self_cpu_s() - cpu0;
             u.wait = wait0 < 0 ? -1 : self_wait_s() - wait0;
-            u.cpu_server = srv0 < 0 ? -1 : proc_cpu_s(opt.server_pid) - srv0;
+            double srv1 = srv0 < 0 ? -1 : proc_times_s(opt.server_pid, &user1, &sys1);
+            u.cpu_server = srv0 < 0 || srv1 < 0 ? -1 : srv1 - srv0;
+            u.server_user = user1 - user0;
+            u.server_sys = sys1 - sys0;
             read_cpustat(&u.after);
         }
         if (stopping && t >= drain_end) break;

@@ -25,6 +25,13 @@ def fmt(value: float | None, digits: int = 0, scale: float = 1.0) -> str:
     return "-" if value is None else f"{value / scale:,.{digits}f}"
 
 
+def per_request_us(row: Row, key: str) -> str:
+    """A per-request CPU time of the server in microseconds; "-" where unknown
+    (a run older than the field, or a server whose CPU time cannot be read)."""
+    value = row.get(key)
+    return "-" if value is None or value < 0 else f"{value:.2f}"
+
+
 @dataclass(frozen=True)
 class Column:
     header: str
@@ -40,6 +47,9 @@ THROUGHPUT_COLUMNS = (
     Column("p99 ms", 8, lambda row: fmt(row["p99_us"], 2, 1000)),
     Column("srv CPU", 8, lambda row: f"{row['server_cpu']:.0%}"),
     Column("load CPU", 9, lambda row: f"{row['loadgen_cpu']:.0%}"),
+    # The server's CPU time per request, user space and kernel (utime and stime).
+    Column("srv user us", 12, lambda row: per_request_us(row, "server_user_us")),
+    Column("srv sys us", 11, lambda row: per_request_us(row, "server_sys_us")),
     RATIO,
 )
 
