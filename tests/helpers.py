@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Protocol
@@ -485,5 +485,16 @@ async def talk(address: tuple[str, int], data: bytes) -> bytes:
         writer.write_eof()
         return await reader.read()
     finally:
+        await close(writer)
+
+
+def sends(data: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A handler that writes `data` in one write as the client connects, then closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
         writer.close()
         await writer.wait_closed()
+
+    return handler

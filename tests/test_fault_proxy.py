@@ -26,7 +26,6 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
-from aioserver.protocols import Handler
 from aioserver.pytest_plugin import FaultProxyFactory, ServerFactory, ThreadedFaultProxyFactory
 from aioserver.testing import (
     Aim,
@@ -41,7 +40,7 @@ from aioserver.testing import (
 )
 from aioserver.testing.proxy_faults import _vary
 
-from .helpers import LOOPS, close, open_fds, talk, wait_until
+from .helpers import LOOPS, close, open_fds, sends, talk, wait_until
 
 # Timers may fire a hair early by the clock the client reads (uvloop keeps
 # milliseconds): a measured wait must be at least the fault's minus this.
@@ -49,18 +48,6 @@ TIMER_SLACK = 0.01
 # A read that must not complete gets this long to show it.
 QUIET = 0.3
 HOST = "127.0.0.1"
-
-
-def sends(data: bytes) -> Handler:
-    """A service that writes `data` as the client connects, then closes."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-
-    return handler
 
 
 async def echo_once(

@@ -15,37 +15,13 @@ from collections.abc import Callable
 import pytest
 
 from aioserver import echo
-from aioserver.protocols import Handler
 from aioserver.testing import Aim, Ending, Faults, TestServer, ThreadedTestServer
 
-from .helpers import LOOPS, close
+from .helpers import LOOPS, close, sends, talk
 
 # Timers may fire a hair early by the clock the client reads (uvloop keeps
 # milliseconds): a measured wait must be at least the fault's minus this.
 TIMER_SLACK = 0.01
-
-
-async def talk(address: tuple[str, int], data: bytes) -> bytes:
-    """Send `data`, half-close, and return everything received until EOF."""
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        writer.write(data)
-        writer.write_eof()
-        return await reader.read()
-    finally:
-        await close(writer)
-
-
-def sends(data: bytes) -> Handler:
-    """A handler that writes `data` in one write as the client connects, then closes."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-        await writer.wait_closed()
-
-    return handler
 
 
 async def fetch(address: tuple[str, int]) -> bytes:
